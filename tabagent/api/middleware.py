@@ -1,0 +1,235 @@
+"""HTTP middleware: request ids, the single error→JSON mapping, metrics, and local-server security.
+
+A local server is reachable by every web page the user opens, so before any handler runs:
+
+1. **Host allow-list** (DNS-rebinding defence): the Host header must name loopback
+   (``localhost``, ``127.0.0.1``, ``[::1]``, any port), the bound address, or a configured name.
+   A missing or empty Host is refused.
+2. **Origin check**: a request that carries an ``Origin`` must come from an allowed origin
+   (configured, or ``chrome-extension://<configured id>``) or from this server's own pages.
+   Others are refused with 403 and get no CORS headers, so a foreign page can neither read
+   answers nor trigger side effects with "simple" requests.
+3. **CORS preflight** for allowed origins, including ``Access-Control-Allow-Private-Network``.
+4. **API key** (``Authorization: Bearer …``, constant-time compare) when one is configured;
+   public routes (health, docs, the web UI) stay open.
+"""
+
+from __future__ import annotations
+
+import hmac
+import logging
+import re
+import secrets
+import time
+from collections.abc import Awaitable, Callable
+from aiohttp import web
+from aiohttp.typedefs import Handler
+
+from tabagent.api.keys import STATE
+from tabagent.errors import (
+    Forbidden,
+    MethodNotAllowed,
+    NotFound,
+    PayloadTooLarge,
+    TabAgentError,
+    Unauthorized,
+)
+from tabagent.logs import request_id_var
+
+log = logging.getLogger(__name__)
+
+REQUEST_ID_HEADER = "X-Request-Id"
+_REQUEST_ID_RE = re.compile(r"[A-Za-z0-9._:\-]{1,128}")
+_LOOPBACK_HOSTS = frozenset({"localhost", "127.0.0.1", "::1"})
+_WILDCARD_BINDS = frozenset({"0.0.0.0", "::", ""})
+_CORS_ALLOW_HEADERS = "Authorization, Content-Type, X-Request-Id"
+_CORS_EXPOSE_HEADERS = "X-Request-Id, Retry-After"
+_CORS_METHODS = "GET, POST, PUT, PATCH, DELETE, OPTIONS"
+_PREFLIGHT_MAX_AGE = "600"
+
+
+def mark_public(handler: Handler) -> Handler:
+    """Routes whose handler is marked public skip the API key check."""
+    handler.tabagent_public = True  # type: ignore[attr-defined]
+    return handler
+
+
+def error_response(exc: TabAgentError) -> web.Response:
+    headers = dict(exc.headers)
+    if exc.retry_after is not None:
+        headers["Retry-After"] = str(max(1, round(exc.retry_after)))
+    return web.json_response({"error": exc.to_dict()}, status=exc.status, headers=headers)
+
+
+def _from_http_exception(request: web.Request, exc: web.HTTPException) -> TabAgentError:
+    if isinstance(exc, web.HTTPNotFound):
+        return NotFound(f"no route for {request.method} {request.path}")
+    if isinstance(exc, web.HTTPMethodNotAllowed):
+        allowed = ", ".join(sorted(exc.allowed_methods))
+        return MethodNotAllowed(
+            f"{request.method} is not allowed on {request.path} (allowed: {allowed})",
+            headers={"Allow": allowed},
+        )
+    if isinstance(exc, web.HTTPRequestEntityTooLarge):
+        return PayloadTooLarge(
+            f"request body is larger than the limit of {exc.max_size} bytes"  # type: ignore[attr-defined]
+        )
+    err = TabAgentError(exc.reason or "error", code=f"http_{exc.status}")
+    err.status = exc.status  # type: ignore[misc]
+    return err
+
+
+@web.middleware
+async def context_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Outermost: request id, timing, metrics, and every error turned into JSON."""
+    start = time.perf_counter()
+    incoming = request.headers.get(REQUEST_ID_HEADER)
+    request_id = (
+        incoming if incoming and _REQUEST_ID_RE.fullmatch(incoming) else secrets.token_hex(8)
+    )
+    request["request_id"] = request_id
+    token = request_id_var.set(request_id)
+    try:
+        try:
+            response = await handler(request)
+        except TabAgentError as exc:
+            response = error_response(exc)
+        except web.HTTPException as exc:
+            if exc.status < 400:
+                raise
+            response = error_response(_from_http_exception(request, exc))
+        except Exception:
+            log.exception("unhandled error in %s %s", request.method, request.path)
+            response = error_response(
+                TabAgentError(f"internal server error (request id {request_id})")
+            )
+        elapsed = time.perf_counter() - start
+        resource = request.match_info.route.resource
+        route = resource.canonical if resource is not None else "unmatched"
+        request.app[STATE].metrics.observe_http(route, request.method, response.status, elapsed)
+        if log.isEnabledFor(logging.DEBUG):
+            log.debug(
+                "%s %s -> %d in %.1f ms",
+                request.method,
+                request.path,
+                response.status,
+                elapsed * 1000,
+            )
+        return response
+    finally:
+        request_id_var.reset(token)
+
+
+def _host_name(header: str) -> str:
+    """``[::1]:3000`` → ``::1``; ``LocalHost.:80`` → ``localhost``."""
+    header = header.strip().lower()
+    if header.startswith("["):
+        end = header.find("]")
+        return header[1:end] if end > 0 else ""
+    name, sep, port = header.rpartition(":")
+    if sep and port.isdigit():
+        header = name
+    return header.rstrip(".")
+
+
+class SecurityPolicy:
+    """The allow-lists of one server, computed once from its settings."""
+
+    def __init__(
+        self,
+        *,
+        bind_host: str,
+        allowed_hosts: tuple[str, ...],
+        allowed_origins: tuple[str, ...],
+        extension_ids: tuple[str, ...],
+        api_key: str | None,
+    ) -> None:
+        hosts = set(_LOOPBACK_HOSTS) | {h.lower().strip("[]").rstrip(".") for h in allowed_hosts}
+        if bind_host not in _WILDCARD_BINDS:
+            hosts.add(bind_host.lower().strip("[]"))
+        self.allowed_hosts = frozenset(hosts)
+        self.allowed_origins = frozenset(o.rstrip("/") for o in allowed_origins) | {
+            f"chrome-extension://{ext_id}" for ext_id in extension_ids
+        }
+        self._api_key = api_key.encode() if api_key else None
+
+    def origin_allowed(self, origin: str) -> bool:
+        return origin.rstrip("/") in self.allowed_origins
+
+    def key_ok(self, authorization: str | None) -> bool:
+        if self._api_key is None:
+            return True
+        if not authorization or not authorization[:7].lower() == "bearer ":
+            return False
+        return hmac.compare_digest(authorization[7:].strip().encode(), self._api_key)
+
+    @property
+    def requires_key(self) -> bool:
+        return self._api_key is not None
+
+
+def _preflight(request: web.Request, origin: str) -> web.Response:
+    requested = request.headers.get("Access-Control-Request-Headers")
+    return web.Response(
+        status=204,
+        headers={
+            "Access-Control-Allow-Origin": origin,
+            "Access-Control-Allow-Methods": _CORS_METHODS,
+            "Access-Control-Allow-Headers": requested or _CORS_ALLOW_HEADERS,
+            "Access-Control-Allow-Private-Network": "true",
+            "Access-Control-Max-Age": _PREFLIGHT_MAX_AGE,
+            "Vary": "Origin",
+        },
+    )
+
+
+def security_middleware(
+    policy: SecurityPolicy,
+) -> Callable[[web.Request, Handler], Awaitable[web.StreamResponse]]:
+    @web.middleware
+    async def security(request: web.Request, handler: Handler) -> web.StreamResponse:
+        host_header = request.headers.get("Host", "")
+        host = _host_name(host_header)
+        if not host or host not in policy.allowed_hosts:
+            raise Forbidden(
+                f"Host {host_header!r} is not allowed; add it with --allowed-hosts "
+                "(DNS-rebinding protection)",
+                code="host_not_allowed",
+            )
+        origin = request.headers.get("Origin")
+        if origin is not None:
+            if policy.origin_allowed(origin):
+                request["cors_origin"] = origin
+                if (
+                    request.method == "OPTIONS"
+                    and "Access-Control-Request-Method" in request.headers
+                ):
+                    return _preflight(request, origin)
+            elif origin not in (f"http://{host_header}", f"https://{host_header}"):
+                raise Forbidden(
+                    f"Origin {origin!r} is not allowed; add it with --allowed-origins "
+                    "or --extension-ids",
+                    code="origin_not_allowed",
+                )
+        if policy.requires_key and not getattr(request.match_info.handler, "tabagent_public", False):
+            if not policy.key_ok(request.headers.get("Authorization")):
+                raise Unauthorized(
+                    "missing or wrong API key: send 'Authorization: Bearer <key>'",
+                    headers={"WWW-Authenticate": "Bearer"},
+                )
+        return await handler(request)
+
+    return security
+
+
+async def on_response_prepare(request: web.Request, response: web.StreamResponse) -> None:
+    """Headers every response carries, streams included (they are sent before the body)."""
+    request_id = request.get("request_id")
+    if request_id is not None:
+        response.headers[REQUEST_ID_HEADER] = request_id
+    origin = request.get("cors_origin")
+    if origin is not None and "Access-Control-Allow-Origin" not in response.headers:
+        response.headers["Access-Control-Allow-Origin"] = origin
+        response.headers["Access-Control-Expose-Headers"] = _CORS_EXPOSE_HEADERS
+        response.headers["Vary"] = "Origin"
+    response.headers.setdefault("X-Content-Type-Options", "nosniff")

@@ -1,0 +1,127 @@
+"""Mount the operation registry on aiohttp: one thin route per operation with an HTTP binding.
+
+Parameters come from the path (``{id}``), the query string (GET/DELETE) or the JSON body
+(POST/PUT/PATCH). A unary operation answers JSON. A streaming operation answers Server-Sent
+Events, one ``event: <name>`` / ``data: <json>`` block per event, ending with ``event: done``;
+an error after the stream has started arrives as ``event: error`` with the usual error object.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Mapping
+from typing import Any
+
+from aiohttp import web
+from aiohttp.typedefs import Handler
+from pydantic import BaseModel
+
+from tabagent.api.keys import STATE
+from tabagent.api.middleware import mark_public
+from tabagent.errors import BadRequest, InvalidJSON, PayloadTooLarge, TabAgentError
+from tabagent.ops.registry import Done, OpContext, Operation, Registry, event_name
+
+log = logging.getLogger(__name__)
+
+_BODY_METHODS = frozenset({"POST", "PUT", "PATCH"})
+
+
+async def read_json_object(request: web.Request, limit: int) -> dict[str, Any]:
+    """The request body as a JSON object, or a clear 400/413."""
+    if request.content_length is not None and request.content_length > limit:
+        raise PayloadTooLarge(f"request body is larger than the limit of {limit} bytes")
+    raw = await request.read()  # client_max_size enforces the limit on chunked bodies
+    if not raw.strip():
+        return {}
+    try:
+        body = json.loads(raw)
+    except UnicodeDecodeError:
+        raise InvalidJSON("request body is not UTF-8") from None
+    except json.JSONDecodeError as exc:
+        raise InvalidJSON(f"request body is not valid JSON: {exc.msg} at position {exc.pos}") from None
+    if not isinstance(body, dict):
+        raise BadRequest("request body must be a JSON object")
+    return body
+
+
+def _merge(base: dict[str, Any], path_params: Mapping[str, str]) -> dict[str, Any]:
+    for key, value in path_params.items():
+        if key in base and base[key] != value:
+            raise BadRequest(f"{key!r} is given both in the path and the body", param=key)
+        base[key] = value
+    return base
+
+
+def sse_block(event: str, payload: str) -> bytes:
+    return f"event: {event}\ndata: {payload}\n\n".encode()
+
+
+def _handler(op: Operation, max_body: int) -> Handler:
+    assert op.http is not None
+    status = op.http.status
+    takes_body = op.http.method in _BODY_METHODS
+
+    async def handle(request: web.Request) -> web.StreamResponse:
+        if takes_body:
+            params = await read_json_object(request, max_body)
+        else:
+            params = dict(request.query)
+        if request.match_info:
+            params = _merge(params, request.match_info)
+        parsed = op.parse(params)
+        ctx = OpContext(
+            state=request.app[STATE], request_id=request["request_id"], transport="http"
+        )
+        if not op.streaming:
+            result = await op.call(ctx, parsed)
+            return web.Response(
+                body=result.model_dump_json().encode(),
+                status=status,
+                content_type="application/json",
+            )
+        return await stream_sse(request, op, ctx, parsed)
+
+    handle.__name__ = op.name.replace(".", "_")
+    return mark_public(handle) if op.public else handle
+
+
+async def stream_sse(
+    request: web.Request, op: Operation, ctx: OpContext, parsed: BaseModel
+) -> web.StreamResponse:
+    response = web.StreamResponse(
+        headers={
+            "Content-Type": "text/event-stream",
+            "Cache-Control": "no-cache",
+            "X-Accel-Buffering": "no",
+        }
+    )
+    await response.prepare(request)
+    events = op.stream(ctx, parsed)
+    finished = False
+    try:
+        async for item in events:
+            name = event_name(item)
+            await response.write(sse_block(name, item.model_dump_json()))
+            finished = name == "done"
+        if not finished:
+            await response.write(sse_block("done", Done().model_dump_json()))
+    except (ConnectionResetError, ConnectionError):
+        log.info("client went away during %s; stream cancelled", op.name)
+        return response
+    except TabAgentError as exc:
+        await response.write(sse_block("error", json.dumps({"error": exc.to_dict()})))
+    except Exception:
+        log.exception("stream %s failed", op.name)
+        err = TabAgentError(f"internal server error (request id {ctx.request_id})")
+        await response.write(sse_block("error", json.dumps({"error": err.to_dict()})))
+    finally:
+        await events.aclose()  # type: ignore[attr-defined]
+    await response.write_eof()
+    return response
+
+
+def mount_operations(app: web.Application, registry: Registry, max_body: int) -> None:
+    for op in registry:
+        if op.http is not None:
+            app.router.add_route(op.http.method, op.http.path, _handler(op, max_body), name=op.name)

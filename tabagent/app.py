@@ -1,0 +1,209 @@
+"""Composition root: builds every component from Settings and runs the server's lifecycle.
+
+Components are created here and handed their dependencies; each one with a lifetime is an
+async context manager in ``app.cleanup_ctx`` so aiohttp starts them in order and stops them in
+reverse. Nothing lives in module globals, so two servers can run in one test process.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
+
+import aiohttp
+from aiohttp import web
+
+from tabagent import __version__
+from tabagent.api.docs import add_docs_routes, add_web_ui
+from tabagent.api.keys import OPENAPI, STATE
+from tabagent.api.middleware import (
+    SecurityPolicy,
+    context_middleware,
+    on_response_prepare,
+    security_middleware,
+)
+from tabagent.api.openapi import build_openapi
+from tabagent.api.routes import mount_operations
+from tabagent.config import Settings
+from tabagent.metrics import CONTENT_TYPE, Metrics
+from tabagent.ops import default_registry
+from tabagent.ops.registry import Registry
+from tabagent.state import AppState
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Transports:
+    """Which transports a mode asks for, and which this build can serve."""
+
+    http: bool
+    webrtc: bool
+    native: bool
+
+    @classmethod
+    def for_mode(cls, mode: str, *, launched_by_browser: bool = False) -> Transports:
+        return cls(
+            http=mode in ("http", "web", "all"),
+            webrtc=mode in ("webrtc", "web", "all"),
+            native=mode == "native" or (mode == "all" and launched_by_browser),
+        )
+
+
+# Transports whose implementation has not landed yet; a mode that needs only these refuses to
+# start rather than pretend (see README, "Modes").
+UNAVAILABLE_TRANSPORTS = {
+    "webrtc": "WebRTC signaling is not implemented in this build yet",
+    "native": "native messaging is not implemented in this build yet",
+}
+
+
+async def _metrics(request: web.Request) -> web.Response:
+    body = request.app[STATE].metrics.render()
+    response = web.Response(body=body)
+    response.content_type = CONTENT_TYPE.split(";")[0]
+    response.charset = "utf-8"
+    return response
+
+
+def _http_component(state: AppState) -> Callable[[web.Application], AsyncIterator[None]]:
+    async def lifetime(app: web.Application) -> AsyncIterator[None]:
+        state.components.set("http", "ok")
+        yield
+        state.components.set("http", "down", "shutting down")
+
+    return lifetime
+
+
+def build_app(
+    settings: Settings,
+    *,
+    mode: str | None = None,
+    registry: Registry | None = None,
+    transports: Transports | None = None,
+) -> web.Application:
+    """The aiohttp application for ``settings``: operations, docs, metrics, web UI, security."""
+    mode = mode or settings.mode
+    transports = transports or Transports.for_mode(mode)
+    registry = registry or default_registry()
+    live = [name for name in ("http",) if getattr(transports, name)]
+    state = AppState(
+        settings=settings,
+        registry=registry,
+        metrics=Metrics(),
+        mode=mode,
+        transports=tuple(live),
+    )
+    for name, reason in UNAVAILABLE_TRANSPORTS.items():
+        if getattr(transports, name):
+            state.components.set(name, "unavailable", reason)
+
+    policy = SecurityPolicy(
+        bind_host=settings.host,
+        allowed_hosts=settings.allowed_hosts,
+        allowed_origins=settings.allowed_origins,
+        extension_ids=settings.extension_ids,
+        api_key=settings.api_key.get_secret_value() if settings.api_key else None,
+    )
+    app = web.Application(
+        middlewares=[context_middleware, security_middleware(policy)],
+        client_max_size=settings.max_body_bytes,
+    )
+    app[STATE] = state
+    app[OPENAPI] = build_openapi(registry)
+    app.on_response_prepare.append(on_response_prepare)
+    app.cleanup_ctx.append(_http_component(state))
+
+    mount_operations(app, registry, settings.max_body_bytes)
+    app.router.add_get("/metrics", _metrics, name="metrics")
+    add_docs_routes(app)
+    add_web_ui(app)  # last: its catch-all route must not shadow the API
+    return app
+
+
+class StartupError(RuntimeError):
+    """The server cannot start (port in use, unsafe binding…); the message says why."""
+
+
+def check_bind_safety(settings: Settings) -> None:
+    if not settings.binds_loopback and settings.api_key is None:
+        raise StartupError(
+            f"refusing to listen on {settings.host}: binding beyond loopback exposes your models "
+            "and memory to the network. Set --api-key (or TABAGENT_API_KEY), or bind 127.0.0.1."
+        )
+
+
+async def _start_site(app: web.Application, settings: Settings) -> tuple[web.AppRunner, int]:
+    runner = web.AppRunner(
+        app, handle_signals=False, access_log=None, shutdown_timeout=settings.shutdown_timeout
+    )
+    await runner.setup()
+    site = web.TCPSite(runner, settings.host, settings.port)
+    try:
+        await site.start()
+    except OSError as exc:
+        await runner.cleanup()
+        raise StartupError(
+            f"cannot listen on {settings.host}:{settings.port}: {exc.strerror or exc}"
+        ) from None
+    port = settings.port
+    for address in runner.addresses:
+        if isinstance(address, tuple):
+            port = int(address[1])
+            break
+    return runner, port
+
+
+async def serve(settings: Settings, transports: Transports) -> None:
+    """Run until SIGINT/SIGTERM, then drain in-flight requests and stop components in reverse."""
+    check_bind_safety(settings)
+    app = build_app(settings, transports=transports)
+    runner, port = await _start_site(app, settings)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        try:
+            loop.add_signal_handler(sig, stop.set)
+        except (NotImplementedError, RuntimeError):  # Windows' proactor loop
+            signal.signal(sig, lambda *_: loop.call_soon_threadsafe(stop.set))
+    state = app[STATE]
+    shown_host = f"[{settings.host}]" if ":" in settings.host else settings.host
+    unavailable = [n for n, s in state.components.snapshot().items() if s.state == "unavailable"]
+    log.info(
+        "TabAgent %s listening on http://%s:%d (mode %s; live: %s%s)",
+        __version__,
+        shown_host,
+        port,
+        state.mode,
+        ", ".join(state.transports) or "none",
+        f"; not yet available: {', '.join(unavailable)}" if unavailable else "",
+    )
+    log.info("API docs at http://%s:%d/api-doc", shown_host, port)
+    try:
+        await stop.wait()
+    finally:
+        log.info("shutting down (in-flight requests get %.0f s)", settings.shutdown_timeout)
+        await runner.cleanup()
+        log.info("stopped")
+
+
+async def get_once(settings: Settings, path: str) -> tuple[int, bytes]:
+    """Serve one GET in-process on an ephemeral loopback port and return (status, body)."""
+    settings = settings.model_copy(update={"host": "127.0.0.1", "port": 0})
+    app = build_app(settings, mode="http")
+    runner, port = await _start_site(app, settings)
+    headers = {}
+    if settings.api_key is not None:
+        headers["Authorization"] = f"Bearer {settings.api_key.get_secret_value()}"
+    try:
+        async with (
+            aiohttp.ClientSession() as session,
+            session.get(f"http://127.0.0.1:{port}{path}", headers=headers) as response,
+        ):
+            return response.status, await response.read()
+    finally:
+        await runner.cleanup()
+

@@ -1,0 +1,11 @@
+"""Operations: the one place capabilities are defined (see ``registry``)."""
+
+from __future__ import annotations
+
+from tabagent.ops import system
+from tabagent.ops.registry import Registry
+
+
+def default_registry() -> Registry:
+    """Every operation the server offers."""
+    return Registry(system.group)

@@ -1,0 +1,145 @@
+"""System operations: health, server facts, the operation catalogue, runtime log level."""
+
+from __future__ import annotations
+
+import logging
+import platform
+import sys
+from importlib import metadata
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from tabagent import __version__
+from tabagent.config import LogLevel
+from tabagent.ops.registry import Empty, Http, OpContext, OperationGroup
+
+group = OperationGroup(tag="system")
+
+_REPORTED_PACKAGES = ("aiohttp", "pydantic", "click", "prometheus-client", "platformdirs")
+
+
+class ComponentReport(BaseModel):
+    state: str = Field(description="ok, starting, degraded, down, unavailable or off")
+    detail: str = ""
+
+
+class Health(BaseModel):
+    status: Literal["ok", "degraded"]
+    version: str
+    uptime_s: float = Field(description="Seconds since the server started.")
+    components: dict[str, ComponentReport]
+
+
+class Paths(BaseModel):
+    db_path: str
+    model_cache_path: str
+    log_dir: str
+    run_dir: str
+
+
+class SystemInfo(BaseModel):
+    version: str
+    mode: str
+    transports: list[str] = Field(description="Transports live in this process.")
+    paths: Paths
+    python: str
+    platform: str
+    packages: dict[str, str] = Field(description="Versions of the main libraries.")
+
+
+class OperationInfo(BaseModel):
+    name: str
+    summary: str
+    streaming: bool
+    http_method: str | None = None
+    http_path: str | None = None
+
+
+class OperationList(BaseModel):
+    operations: list[OperationInfo]
+
+
+class LogLevelRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    level: LogLevel = Field(description="New least severe level for the server's log.")
+
+
+class LogLevelResponse(BaseModel):
+    level: LogLevel
+    previous: str
+
+
+@group.operation("system.health", http=Http("GET", "/v1/health"), public=True)
+async def health(ctx: OpContext, req: Empty) -> Health:
+    """Liveness and the state of each component.
+
+    Always open, even when an API key is configured, so supervisors and the extension can probe.
+    """
+    components = ctx.state.components
+    return Health(
+        status="ok" if components.healthy else "degraded",
+        version=__version__,
+        uptime_s=round(ctx.state.uptime_s, 3),
+        components={
+            name: ComponentReport(state=s.state, detail=s.detail)
+            for name, s in components.snapshot().items()
+        },
+    )
+
+
+@group.operation("system.info", http=Http("GET", "/v1/system"))
+async def info(ctx: OpContext, req: Empty) -> SystemInfo:
+    """Mode, paths and versions of this server."""
+    settings = ctx.state.settings
+    packages = {}
+    for name in _REPORTED_PACKAGES:
+        try:
+            packages[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            packages[name] = "missing"
+    return SystemInfo(
+        version=__version__,
+        mode=ctx.state.mode,
+        transports=list(ctx.state.transports),
+        paths=Paths(
+            db_path=str(settings.db_path),
+            model_cache_path=str(settings.model_cache_path),
+            log_dir=str(settings.log_dir),
+            run_dir=str(settings.run_dir),
+        ),
+        python=sys.version.split()[0],
+        platform=platform.platform(),
+        packages=packages,
+    )
+
+
+@group.operation("system.operations", http=Http("GET", "/v1/system/operations"))
+async def operations(ctx: OpContext, req: Empty) -> OperationList:
+    """Every operation this server offers, with its HTTP route when it has one.
+
+    Native-messaging and data-channel clients use it to discover methods.
+    """
+    return OperationList(
+        operations=[
+            OperationInfo(
+                name=op.name,
+                summary=op.summary,
+                streaming=op.streaming,
+                http_method=op.http.method if op.http else None,
+                http_path=op.http.path if op.http else None,
+            )
+            for op in ctx.state.registry
+        ]
+    )
+
+
+@group.operation("system.set_log_level", http=Http("POST", "/v1/system/log-level"))
+async def set_log_level(ctx: OpContext, req: LogLevelRequest) -> LogLevelResponse:
+    """Change the server's log level without a restart (for example to DEBUG while reporting a bug)."""
+    root = logging.getLogger()
+    previous = logging.getLevelName(root.level)
+    root.setLevel(req.level)
+    logging.getLogger(__name__).info("log level %s -> %s", previous, req.level)
+    return LogLevelResponse(level=req.level, previous=previous)
