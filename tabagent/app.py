@@ -206,4 +206,3 @@ async def get_once(settings: Settings, path: str) -> tuple[int, bytes]:
             return response.status, await response.read()
     finally:
         await runner.cleanup()
-

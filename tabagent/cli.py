@@ -19,7 +19,7 @@ import click
 from pydantic import SecretStr
 
 from tabagent import __version__, logs
-from tabagent.app import StartupError, Transports, UNAVAILABLE_TRANSPORTS, get_once, serve
+from tabagent.app import UNAVAILABLE_TRANSPORTS, StartupError, Transports, get_once, serve
 from tabagent.config import Settings, SettingsError, describe, env_name, flag_name, resolve
 
 PROG = "tabagent-server"
@@ -81,7 +81,7 @@ def _settings(flags: dict[str, Any]) -> tuple[Settings, dict[str, str]]:
 )
 @click.version_option(__version__, "--version", prog_name=PROG, message="%(prog)s %(version)s")
 @click.pass_context
-def cli(ctx: click.Context, get_path: str | None, **flags: Any) -> None:
+def cli(ctx: click.Context, /, get_path: str | None, **flags: Any) -> None:
     """TabAgent: a local AI server for the desktop (models, memory, browser, vision)."""
     ctx.obj = flags
     if ctx.invoked_subcommand is not None:
@@ -138,8 +138,11 @@ def _not_yet(name: str, what: str) -> click.Command:
         add_help_option=False,
     )
     def command() -> None:
-        _fail(f"'{name}' is not available in this build yet: {what.lower()} arrives in a "
-              "later release", 2)
+        _fail(
+            f"'{name}' is not available in this build yet: {what.lower()} arrives in a "
+            "later release",
+            2,
+        )
 
     return command
 

@@ -119,7 +119,11 @@ class Settings(BaseModel):
     def _normalise_case(cls, value: Any) -> Any:
         if not isinstance(value, str):
             return value
-        return value.upper() if value.lower() in ("debug", "info", "warning", "error") else value.lower()
+        return (
+            value.upper()
+            if value.lower() in ("debug", "info", "warning", "error")
+            else value.lower()
+        )
 
     @field_validator("extension_ids")
     @classmethod

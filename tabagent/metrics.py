@@ -7,7 +7,8 @@ from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
 # Buckets from 0.5 ms: most local API calls finish in a few milliseconds, chat streams in seconds.
 _LATENCY_BUCKETS = (
-    0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0,
+    0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1,
+    0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0,
 )  # fmt: skip
 
 CONTENT_TYPE = CONTENT_TYPE_LATEST

@@ -41,7 +41,9 @@ window.ui = SwaggerUIBundle({url: "%(spec)s", dom_id: "#swagger-ui", deepLinking
 <html lang="en"><head><meta charset="utf-8"><title>TabAgent API · ReDoc</title></head>
 <body><div id="redoc"></div>
 <script src="/api-doc/assets/redoc/js/redoc.standalone.js"></script>
-<script>Redoc.init("%(spec)s", {hideDownloadButton: false}, document.getElementById("redoc"));</script>
+<script>
+Redoc.init("%(spec)s", {hideDownloadButton: false}, document.getElementById("redoc"));
+</script>
 </body></html>""",
     "rapidoc": """<!doctype html>
 <html lang="en"><head><meta charset="utf-8"><title>TabAgent API · RapiDoc</title>

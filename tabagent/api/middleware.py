@@ -21,11 +21,11 @@ import logging
 import re
 import secrets
 import time
-from collections.abc import Awaitable, Callable
-from aiohttp import web
-from aiohttp.typedefs import Handler
 
-from tabagent.api.keys import STATE
+from aiohttp import web
+from aiohttp.typedefs import Handler, Middleware
+
+from tabagent.api.keys import CORS_ORIGIN, REQUEST_ID, STATE
 from tabagent.errors import (
     Forbidden,
     MethodNotAllowed,
@@ -71,9 +71,8 @@ def _from_http_exception(request: web.Request, exc: web.HTTPException) -> TabAge
             headers={"Allow": allowed},
         )
     if isinstance(exc, web.HTTPRequestEntityTooLarge):
-        return PayloadTooLarge(
-            f"request body is larger than the limit of {exc.max_size} bytes"  # type: ignore[attr-defined]
-        )
+        limit = request.app[STATE].settings.max_body_bytes
+        return PayloadTooLarge(f"request body is larger than the limit of {limit} bytes")
     err = TabAgentError(exc.reason or "error", code=f"http_{exc.status}")
     err.status = exc.status  # type: ignore[misc]
     return err
@@ -87,7 +86,7 @@ async def context_middleware(request: web.Request, handler: Handler) -> web.Stre
     request_id = (
         incoming if incoming and _REQUEST_ID_RE.fullmatch(incoming) else secrets.token_hex(8)
     )
-    request["request_id"] = request_id
+    request[REQUEST_ID] = request_id
     token = request_id_var.set(request_id)
     try:
         try:
@@ -159,7 +158,7 @@ class SecurityPolicy:
     def key_ok(self, authorization: str | None) -> bool:
         if self._api_key is None:
             return True
-        if not authorization or not authorization[:7].lower() == "bearer ":
+        if not authorization or authorization[:7].lower() != "bearer ":
             return False
         return hmac.compare_digest(authorization[7:].strip().encode(), self._api_key)
 
@@ -183,9 +182,7 @@ def _preflight(request: web.Request, origin: str) -> web.Response:
     )
 
 
-def security_middleware(
-    policy: SecurityPolicy,
-) -> Callable[[web.Request, Handler], Awaitable[web.StreamResponse]]:
+def security_middleware(policy: SecurityPolicy) -> Middleware:
     @web.middleware
     async def security(request: web.Request, handler: Handler) -> web.StreamResponse:
         host_header = request.headers.get("Host", "")
@@ -199,7 +196,7 @@ def security_middleware(
         origin = request.headers.get("Origin")
         if origin is not None:
             if policy.origin_allowed(origin):
-                request["cors_origin"] = origin
+                request[CORS_ORIGIN] = origin
                 if (
                     request.method == "OPTIONS"
                     and "Access-Control-Request-Method" in request.headers
@@ -211,12 +208,15 @@ def security_middleware(
                     "or --extension-ids",
                     code="origin_not_allowed",
                 )
-        if policy.requires_key and not getattr(request.match_info.handler, "tabagent_public", False):
-            if not policy.key_ok(request.headers.get("Authorization")):
-                raise Unauthorized(
-                    "missing or wrong API key: send 'Authorization: Bearer <key>'",
-                    headers={"WWW-Authenticate": "Bearer"},
-                )
+        if (
+            policy.requires_key
+            and not getattr(request.match_info.handler, "tabagent_public", False)
+            and not policy.key_ok(request.headers.get("Authorization"))
+        ):
+            raise Unauthorized(
+                "missing or wrong API key: send 'Authorization: Bearer <key>'",
+                headers={"WWW-Authenticate": "Bearer"},
+            )
         return await handler(request)
 
     return security
@@ -224,10 +224,10 @@ def security_middleware(
 
 async def on_response_prepare(request: web.Request, response: web.StreamResponse) -> None:
     """Headers every response carries, streams included (they are sent before the body)."""
-    request_id = request.get("request_id")
+    request_id = request.get(REQUEST_ID)
     if request_id is not None:
         response.headers[REQUEST_ID_HEADER] = request_id
-    origin = request.get("cors_origin")
+    origin = request.get(CORS_ORIGIN)
     if origin is not None and "Access-Control-Allow-Origin" not in response.headers:
         response.headers["Access-Control-Allow-Origin"] = origin
         response.headers["Access-Control-Expose-Headers"] = _CORS_EXPOSE_HEADERS

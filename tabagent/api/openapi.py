@@ -6,7 +6,8 @@ Never written by hand: a new operation appears here as soon as it is registered.
 from __future__ import annotations
 
 import re
-from typing import Any, Literal
+from collections.abc import Mapping
+from typing import Any
 
 from pydantic import BaseModel
 from pydantic.json_schema import JsonSchemaMode, models_json_schema
@@ -49,7 +50,7 @@ def _resolve(ref: dict[str, Any], defs: dict[str, Any]) -> dict[str, Any]:
 
 
 def _operation_doc(
-    op: Operation, refs: dict[tuple[type[BaseModel], JsonSchemaMode], Any], defs: dict[str, Any]
+    op: Operation, refs: Mapping[tuple[Any, JsonSchemaMode], dict[str, Any]], defs: dict[str, Any]
 ) -> dict[str, Any]:
     assert op.http is not None
     path_params = set(_PATH_PARAM.findall(op.http.path))
@@ -74,11 +75,21 @@ def _operation_doc(
     parameters = []
     for name in sorted(path_params):
         parameters.append(
-            {"name": name, "in": "path", "required": True, "schema": props.get(name, {"type": "string"})}
+            {
+                "name": name,
+                "in": "path",
+                "required": True,
+                "schema": props.get(name, {"type": "string"}),
+            }
         )
     for name in sorted(fields_in_query):
         parameters.append(
-            {"name": name, "in": "query", "required": name in required, "schema": props.get(name, {})}
+            {
+                "name": name,
+                "in": "query",
+                "required": name in required,
+                "schema": props.get(name, {}),
+            }
         )
     if parameters:
         doc["parameters"] = parameters
@@ -106,15 +117,14 @@ def build_openapi(registry: Registry) -> dict[str, Any]:
     for op in http_ops:
         for key in ((op.request_model, "validation"), (op.response_model, "serialization")):
             if key not in wanted:
-                wanted.append(key)  # type: ignore[arg-type]
+                wanted.append(key)
     refs, top = models_json_schema(wanted, ref_template=_REF)
     defs: dict[str, Any] = dict(top.get("$defs", {}))
     paths: dict[str, dict[str, Any]] = {}
     for op in http_ops:
         assert op.http is not None
         path = _PATH_PARAM.sub(r"{\1}", op.http.path)
-        method: Literal["get", "post", "put", "patch", "delete"] = op.http.method.lower()  # type: ignore[assignment]
-        paths.setdefault(path, {})[method] = _operation_doc(op, refs, defs)
+        paths.setdefault(path, {})[op.http.method.lower()] = _operation_doc(op, refs, defs)
     defs["Error"] = ERROR_SCHEMA
     return {
         "openapi": "3.1.0",

@@ -17,7 +17,7 @@ from aiohttp import web
 from aiohttp.typedefs import Handler
 from pydantic import BaseModel
 
-from tabagent.api.keys import STATE
+from tabagent.api.keys import REQUEST_ID, STATE
 from tabagent.api.middleware import mark_public
 from tabagent.errors import BadRequest, InvalidJSON, PayloadTooLarge, TabAgentError
 from tabagent.ops.registry import Done, OpContext, Operation, Registry, event_name
@@ -39,7 +39,9 @@ async def read_json_object(request: web.Request, limit: int) -> dict[str, Any]:
     except UnicodeDecodeError:
         raise InvalidJSON("request body is not UTF-8") from None
     except json.JSONDecodeError as exc:
-        raise InvalidJSON(f"request body is not valid JSON: {exc.msg} at position {exc.pos}") from None
+        raise InvalidJSON(
+            f"request body is not valid JSON: {exc.msg} at position {exc.pos}"
+        ) from None
     if not isinstance(body, dict):
         raise BadRequest("request body must be a JSON object")
     return body
@@ -70,9 +72,7 @@ def _handler(op: Operation, max_body: int) -> Handler:
         if request.match_info:
             params = _merge(params, request.match_info)
         parsed = op.parse(params)
-        ctx = OpContext(
-            state=request.app[STATE], request_id=request["request_id"], transport="http"
-        )
+        ctx = OpContext(state=request.app[STATE], request_id=request[REQUEST_ID], transport="http")
         if not op.streaming:
             result = await op.call(ctx, parsed)
             return web.Response(

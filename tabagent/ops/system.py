@@ -137,7 +137,7 @@ async def operations(ctx: OpContext, req: Empty) -> OperationList:
 
 @group.operation("system.set_log_level", http=Http("POST", "/v1/system/log-level"))
 async def set_log_level(ctx: OpContext, req: LogLevelRequest) -> LogLevelResponse:
-    """Change the server's log level without a restart (for example to DEBUG while reporting a bug)."""
+    """Change the server's log level without a restart (e.g. DEBUG while reporting a bug)."""
     root = logging.getLogger()
     previous = logging.getLevelName(root.level)
     root.setLevel(req.level)

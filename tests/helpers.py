@@ -1,0 +1,108 @@
+"""Shared test helpers: free ports, waiting for health, the server started as a user starts it."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+SERVER_BIN = (
+    shutil.which("tabagent-server", path=str(Path(sys.executable).parent)) or "tabagent-server"
+)
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def http_get(
+    url: str, timeout: float = 5.0, headers: Mapping[str, str] | None = None
+) -> tuple[int, bytes]:
+    request = urllib.request.Request(url, headers=dict(headers or {}))
+    try:
+        with urllib.request.urlopen(request, timeout=timeout) as response:
+            return response.status, response.read()
+    except urllib.error.HTTPError as exc:
+        return exc.code, exc.read()
+
+
+def wait_for_health(
+    base_url: str, proc: subprocess.Popen[bytes] | None = None, timeout: float = 30.0
+) -> dict[str, object]:
+    """Poll /v1/health until it answers 200; fail fast if the process died. No fixed sleeps."""
+    deadline = time.monotonic() + timeout
+    last: Exception | None = None
+    while time.monotonic() < deadline:
+        if proc is not None and proc.poll() is not None:
+            raise RuntimeError(f"server exited with {proc.returncode} before becoming healthy")
+        try:
+            status, body = http_get(f"{base_url}/v1/health", timeout=1.0)
+            if status == 200:
+                return dict(json.loads(body))
+        except OSError as exc:
+            last = exc
+        time.sleep(0.05)
+    raise TimeoutError(f"{base_url} not healthy after {timeout} s (last error: {last})")
+
+
+@dataclass
+class RunningServer:
+    proc: subprocess.Popen[bytes]
+    base_url: str
+    port: int
+    stderr_path: Path
+
+    def stop(self, timeout: float = 20.0) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+        return self.proc.wait(timeout=timeout)
+
+    def stderr(self) -> str:
+        return self.stderr_path.read_text(errors="replace")
+
+
+@contextmanager
+def running_server(
+    args: Sequence[str] = ("--mode", "web"),
+    env: Mapping[str, str] | None = None,
+    log_dir: Path | None = None,
+) -> Iterator[RunningServer]:
+    """``tabagent-server ARGS --port <free>`` as a subprocess; healthy on entry, SIGTERM on exit."""
+    port = free_port()
+    log_dir = log_dir or Path(os.environ.get("HOME", "/tmp"))
+    stderr_path = log_dir / f"server-{port}.stderr"
+    with stderr_path.open("wb") as stderr:
+        proc = subprocess.Popen(
+            [SERVER_BIN, *args, "--port", str(port)],
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=stderr,
+            env={**os.environ, **(env or {})},
+        )
+    server = RunningServer(proc, f"http://127.0.0.1:{port}", port, stderr_path)
+    try:
+        wait_for_health(server.base_url, proc)
+        yield server
+    finally:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+            try:
+                proc.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+        if proc.stdout is not None:
+            proc.stdout.close()
