@@ -31,7 +31,8 @@ apt_install() {
 
 PYTHON="${PYTHON:-}"
 if [[ -z "$PYTHON" ]]; then
-  for candidate in python3.13 python3.12 python3.11 python3; do
+  # 3.11 first: the ML stack (mediapipe 0.10.21) has wheels for 3.9-3.12 only.
+  for candidate in python3.11 python3.12 python3; do
     if command -v "$candidate" >/dev/null &&
        "$candidate" -c 'import sys; sys.exit(sys.version_info < (3, 11))' 2>/dev/null; then
       PYTHON="$candidate"; break
