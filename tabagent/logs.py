@@ -27,7 +27,7 @@ class RequestIdFilter(logging.Filter):
         return True
 
 
-def configure(level: str, log_dir: Path | None) -> Path | None:
+def configure(level: str, log_dir: Path | None, file_name: str = LOG_FILE_NAME) -> Path | None:
     """Install the handlers on the root logger; returns the log file path, if one could be made.
 
     A log folder that cannot be created (read-only home, say) is reported on stderr and the
@@ -47,7 +47,7 @@ def configure(level: str, log_dir: Path | None) -> Path | None:
     if log_dir is not None:
         try:
             log_dir.mkdir(parents=True, exist_ok=True)
-            log_file = log_dir / LOG_FILE_NAME
+            log_file = log_dir / file_name
             handlers.append(
                 logging.handlers.RotatingFileHandler(
                     log_file, maxBytes=_MAX_BYTES, backupCount=_BACKUPS, encoding="utf-8"
