@@ -54,10 +54,6 @@ async def serve(args: argparse.Namespace, token: str) -> None:
     )
     pb_grpc.add_MLInferenceServicer_to_server(service, server)
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
-    if args.listen.startswith("unix:"):
-        socket_path = Path(args.listen.removeprefix("unix:").removeprefix("//"))
-        socket_path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-        socket_path.unlink(missing_ok=True)  # a stale socket from a crashed worker
     if server.add_insecure_port(args.listen) == 0 and not args.listen.startswith("unix:"):
         raise SystemExit(f"ml-service: cannot listen on {args.listen}")
     await server.start()
@@ -87,8 +83,17 @@ async def serve(args: argparse.Namespace, token: str) -> None:
     log.info("ml worker stopped")
 
 
+def prepare_socket(listen: str) -> None:
+    """A private folder for the Unix socket, without a stale socket from a crashed worker."""
+    if listen.startswith("unix:"):
+        socket_path = Path(listen.removeprefix("unix:").removeprefix("//"))
+        socket_path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+        socket_path.unlink(missing_ok=True)
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     args = parse_args(argv)
+    prepare_socket(args.listen)
     token = os.environ.pop(TOKEN_ENV, "")
     if not token:
         sys.stderr.write(f"ml-service: {TOKEN_ENV} is not set; the worker only serves its parent\n")

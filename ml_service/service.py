@@ -50,7 +50,9 @@ class Loaded:
     backend: Any
 
 
-async def _abort(context: grpc.aio.ServicerContext, code: grpc.StatusCode, message: str) -> NoReturn:
+async def _abort(
+    context: grpc.aio.ServicerContext, code: grpc.StatusCode, message: str
+) -> NoReturn:
     await context.abort(code, message)
     raise AssertionError("unreachable")  # abort raises
 
@@ -71,10 +73,14 @@ class MLService(pb_grpc.MLInferenceServicer):
 
     # ---- model management ----
 
-    async def LoadModel(self, request: pb.LoadModelRequest, context: grpc.aio.ServicerContext) -> pb.ModelInfo:
+    async def LoadModel(
+        self, request: pb.LoadModelRequest, context: grpc.aio.ServicerContext
+    ) -> pb.ModelInfo:
         _bind_request_id(context)
         if not _MODEL_ID.fullmatch(request.model_id):
-            await _abort(context, grpc.StatusCode.INVALID_ARGUMENT, f"bad model id {request.model_id!r}")
+            await _abort(
+                context, grpc.StatusCode.INVALID_ARGUMENT, f"bad model id {request.model_id!r}"
+            )
         if request.backend == pb.BACKEND_UNSPECIFIED:
             await _abort(context, grpc.StatusCode.INVALID_ARGUMENT, "backend is required")
         async with self._load_lock:
@@ -85,7 +91,8 @@ class MLService(pb_grpc.MLInferenceServicer):
                 await _abort(
                     context,
                     grpc.StatusCode.FAILED_PRECONDITION,
-                    f"{request.model_id} is already loaded from {existing.info.path}; unload it first",
+                    f"{request.model_id} is already loaded from {existing.info.path}; "
+                    "unload it first",
                 )
             before = rss_bytes()
             start = time.perf_counter()
@@ -146,7 +153,9 @@ class MLService(pb_grpc.MLInferenceServicer):
             return FaceDetector(), {}
         raise ValueError(f"unknown backend {request.backend}")
 
-    async def UnloadModel(self, request: pb.UnloadModelRequest, context: grpc.aio.ServicerContext) -> pb.UnloadModelResponse:
+    async def UnloadModel(
+        self, request: pb.UnloadModelRequest, context: grpc.aio.ServicerContext
+    ) -> pb.UnloadModelResponse:
         _bind_request_id(context)
         async with self._load_lock:
             loaded = self.models.pop(request.model_id, None)
@@ -158,10 +167,14 @@ class MLService(pb_grpc.MLInferenceServicer):
         log.info("unloaded %s", request.model_id)
         return pb.UnloadModelResponse(unloaded=True)
 
-    async def ListModels(self, request: pb.ListModelsRequest, context: grpc.aio.ServicerContext) -> pb.ListModelsResponse:
+    async def ListModels(
+        self, request: pb.ListModelsRequest, context: grpc.aio.ServicerContext
+    ) -> pb.ListModelsResponse:
         return pb.ListModelsResponse(models=[m.info for m in self.models.values()])
 
-    async def GetStatus(self, request: pb.StatusRequest, context: grpc.aio.ServicerContext) -> pb.StatusResponse:
+    async def GetStatus(
+        self, request: pb.StatusRequest, context: grpc.aio.ServicerContext
+    ) -> pb.StatusResponse:
         return pb.StatusResponse(
             pid=os.getpid(),
             rss_bytes=rss_bytes(),
@@ -178,13 +191,16 @@ class MLService(pb_grpc.MLInferenceServicer):
             await _abort(
                 context,
                 grpc.StatusCode.FAILED_PRECONDITION,
-                f"model {model_id!r} cannot serve this call (it is a {pb.Backend.Name(loaded.info.backend)} model)",
+                f"model {model_id!r} cannot serve this call "
+                f"(it is a {pb.Backend.Name(loaded.info.backend)} model)",
             )
         return loaded.backend
 
     # ---- text ----
 
-    async def Generate(self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext) -> AsyncIterator[pb.GenerateChunk]:
+    async def Generate(
+        self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[pb.GenerateChunk]:
         _bind_request_id(context)
         model = await self._model(request.model_id, LlamaModel, context)
         params = _sampling(request.sampling)
@@ -199,7 +215,11 @@ class MLService(pb_grpc.MLInferenceServicer):
         except TemplateError as exc:
             await _abort(context, grpc.StatusCode.INVALID_ARGUMENT, str(exc))
         if len(prompt) > MAX_INPUT_CHARS:
-            await _abort(context, grpc.StatusCode.INVALID_ARGUMENT, f"prompt over {MAX_INPUT_CHARS} characters")
+            await _abort(
+                context,
+                grpc.StatusCode.INVALID_ARGUMENT,
+                f"prompt over {MAX_INPUT_CHARS} characters",
+            )
 
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue[object] = asyncio.Queue()
@@ -216,7 +236,9 @@ class MLService(pb_grpc.MLInferenceServicer):
                 yield pb.GenerateChunk(
                     text=item.text,
                     finish_reason=item.finish_reason,
-                    usage=pb.Usage(prompt_tokens=item.prompt_tokens, completion_tokens=item.completion_tokens),
+                    usage=pb.Usage(
+                        prompt_tokens=item.prompt_tokens, completion_tokens=item.completion_tokens
+                    ),
                     ttft_ms=item.ttft_ms,
                 )
             error = job.exception()
@@ -228,14 +250,20 @@ class MLService(pb_grpc.MLInferenceServicer):
             log.error("generation failed: %r", error)
             await _abort(context, grpc.StatusCode.INTERNAL, f"generation failed: {error}")
 
-    async def Tokenize(self, request: pb.TokenizeRequest, context: grpc.aio.ServicerContext) -> pb.TokenizeResponse:
+    async def Tokenize(
+        self, request: pb.TokenizeRequest, context: grpc.aio.ServicerContext
+    ) -> pb.TokenizeResponse:
         model = await self._model(request.model_id, LlamaModel, context)
         if len(request.text) > MAX_INPUT_CHARS:
-            await _abort(context, grpc.StatusCode.INVALID_ARGUMENT, f"text over {MAX_INPUT_CHARS} characters")
+            await _abort(
+                context, grpc.StatusCode.INVALID_ARGUMENT, f"text over {MAX_INPUT_CHARS} characters"
+            )
         tokens = await asyncio.to_thread(model.tokenize, request.text, request.add_special)
         return pb.TokenizeResponse(tokens=tokens)
 
-    async def Detokenize(self, request: pb.DetokenizeRequest, context: grpc.aio.ServicerContext) -> pb.DetokenizeResponse:
+    async def Detokenize(
+        self, request: pb.DetokenizeRequest, context: grpc.aio.ServicerContext
+    ) -> pb.DetokenizeResponse:
         model = await self._model(request.model_id, LlamaModel, context)
         try:
             text = await asyncio.to_thread(model.detokenize, list(request.tokens))
@@ -245,7 +273,9 @@ class MLService(pb_grpc.MLInferenceServicer):
 
     # ---- embeddings ----
 
-    async def Embed(self, request: pb.EmbedRequest, context: grpc.aio.ServicerContext) -> pb.EmbedResponse:
+    async def Embed(
+        self, request: pb.EmbedRequest, context: grpc.aio.ServicerContext
+    ) -> pb.EmbedResponse:
         _bind_request_id(context)
         from ml_service.backends.onnx_embed import OnnxEmbedder
 
@@ -254,9 +284,17 @@ class MLService(pb_grpc.MLInferenceServicer):
         if not inputs:
             await _abort(context, grpc.StatusCode.INVALID_ARGUMENT, "inputs is empty")
         if len(inputs) > MAX_EMBED_INPUTS:
-            await _abort(context, grpc.StatusCode.INVALID_ARGUMENT, f"at most {MAX_EMBED_INPUTS} inputs per call")
+            await _abort(
+                context,
+                grpc.StatusCode.INVALID_ARGUMENT,
+                f"at most {MAX_EMBED_INPUTS} inputs per call",
+            )
         if any(len(text) > MAX_INPUT_CHARS for text in inputs):
-            await _abort(context, grpc.StatusCode.INVALID_ARGUMENT, f"an input is over {MAX_INPUT_CHARS} characters")
+            await _abort(
+                context,
+                grpc.StatusCode.INVALID_ARGUMENT,
+                f"an input is over {MAX_INPUT_CHARS} characters",
+            )
 
         def run() -> tuple[np.ndarray, int]:
             vectors = model.embed(inputs)
@@ -282,7 +320,9 @@ class MLService(pb_grpc.MLInferenceServicer):
                 )
         return await self._model(model_id, FaceDetector, context)
 
-    async def DetectFaces(self, request: pb.DetectFacesRequest, context: grpc.aio.ServicerContext) -> pb.DetectFacesResponse:
+    async def DetectFaces(
+        self, request: pb.DetectFacesRequest, context: grpc.aio.ServicerContext
+    ) -> pb.DetectFacesResponse:
         _bind_request_id(context)
         from ml_service.backends.faces import ImageError, decode_image
 
@@ -345,7 +385,9 @@ def _sampling(s: pb.Sampling) -> SamplingParams:
         top_p=s.top_p if s.HasField("top_p") else defaults.top_p,
         top_k=s.top_k if s.HasField("top_k") else defaults.top_k,
         min_p=s.min_p if s.HasField("min_p") else defaults.min_p,
-        repeat_penalty=s.repeat_penalty if s.HasField("repeat_penalty") else defaults.repeat_penalty,
+        repeat_penalty=s.repeat_penalty
+        if s.HasField("repeat_penalty")
+        else defaults.repeat_penalty,
         seed=s.seed if s.HasField("seed") else None,
         stop=tuple(s.stop),
     )
@@ -355,9 +397,13 @@ def _raw_frame(raw: pb.RawImage) -> np.ndarray:
     from ml_service.backends.faces import ImageError
 
     if raw.width == 0 or raw.height == 0 or raw.width * raw.height > MAX_FRAME_PIXELS:
-        raise ImageError(f"frame size {raw.width}x{raw.height} is outside 1..{MAX_FRAME_PIXELS} pixels")
+        raise ImageError(
+            f"frame size {raw.width}x{raw.height} is outside 1..{MAX_FRAME_PIXELS} pixels"
+        )
     if len(raw.rgb) != raw.width * raw.height * 3:
-        raise ImageError(f"a {raw.width}x{raw.height} RGB frame needs {raw.width * raw.height * 3} bytes")
+        raise ImageError(
+            f"a {raw.width}x{raw.height} RGB frame needs {raw.width * raw.height * 3} bytes"
+        )
     return np.frombuffer(raw.rgb, dtype=np.uint8).reshape(raw.height, raw.width, 3)
 
 

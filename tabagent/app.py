@@ -8,10 +8,13 @@ reverse. Nothing lives in module globals, so two servers can run in one test pro
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
+import os
 import signal
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import aiohttp
 from aiohttp import web
@@ -25,13 +28,20 @@ from tabagent.api.middleware import (
     on_response_prepare,
     security_middleware,
 )
+from tabagent.api.openai import mount_custom
 from tabagent.api.openapi import build_openapi
 from tabagent.api.routes import mount_operations
 from tabagent.config import Settings
+from tabagent.errors import TabAgentError
 from tabagent.metrics import CONTENT_TYPE, Metrics
 from tabagent.ops import default_registry
 from tabagent.ops.registry import Registry
 from tabagent.state import AppState
+
+if TYPE_CHECKING:
+    from prometheus_client import CollectorRegistry
+
+    from tabagent.ml.services import MLServices
 
 log = logging.getLogger(__name__)
 
@@ -67,6 +77,56 @@ async def _metrics(request: web.Request) -> web.Response:
     response.content_type = CONTENT_TYPE.split(";")[0]
     response.charset = "utf-8"
     return response
+
+
+def _total_ram_bytes() -> int:
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):  # Windows
+        return 8 << 30
+
+
+def build_ml(settings: Settings, state: AppState, registry: CollectorRegistry) -> MLServices:
+    """The worker supervisor and the model orchestrator, wired to health and metrics."""
+    from ml_service.proto import ml_inference_pb2 as pb
+    from tabagent.ml.orchestrator import ModelOrchestrator, embedded_models
+    from tabagent.ml.services import MLMetrics, MLServices
+    from tabagent.ml.supervisor import WorkerSupervisor
+
+    metrics = MLMetrics(registry)
+    supervisor = WorkerSupervisor(
+        run_dir=settings.run_dir,
+        cache_dir=settings.model_cache_path / "converted",
+        log_dir=settings.log_dir,
+        log_level=settings.log_level,
+        on_state=lambda s, detail: state.components.set("ml_worker", s, detail),  # type: ignore[arg-type]
+        on_restart=metrics.worker_restarts.inc,
+    )
+    budget = settings.ram_budget_mb << 20 or _total_ram_bytes() // 2
+    orchestrator = ModelOrchestrator(
+        supervisor,
+        embedded_models(),
+        ram_budget_bytes=budget,
+        default_keep_alive=settings.keep_alive,
+        max_queue=settings.max_queue,
+        llama_options=pb.LlamaOptions(
+            n_ctx=settings.n_ctx, n_threads=settings.n_threads, n_gpu_layers=settings.n_gpu_layers
+        ),
+        on_load=lambda model, seconds: metrics.model_load.labels(model).observe(seconds),
+    )
+    metrics.queue_depth.set_function(orchestrator.queue_depth)
+    return MLServices(supervisor=supervisor, orchestrator=orchestrator, metrics=metrics)
+
+
+def _ml_component(ml: MLServices) -> Callable[[web.Application], AsyncIterator[None]]:
+    async def lifetime(app: web.Application) -> AsyncIterator[None]:
+        await ml.supervisor.start()
+        await ml.orchestrator.start()
+        yield
+        await ml.orchestrator.stop()
+        await ml.supervisor.stop()
+
+    return lifetime
 
 
 def _http_component(state: AppState) -> Callable[[web.Application], AsyncIterator[None]]:
@@ -115,9 +175,13 @@ def build_app(
     app[STATE] = state
     app[OPENAPI] = build_openapi(registry)
     app.on_response_prepare.append(on_response_prepare)
+    if settings.ml_worker:
+        state.ml = build_ml(settings, state, state.metrics.registry)
+        app.cleanup_ctx.append(_ml_component(state.ml))
     app.cleanup_ctx.append(_http_component(state))
 
     mount_operations(app, registry, settings.max_body_bytes)
+    mount_custom(app, registry, settings.max_body_bytes)
     app.router.add_get("/metrics", _metrics, name="metrics")
     add_docs_routes(app)
     add_web_ui(app)  # last: its catch-all route must not shadow the API
@@ -195,6 +259,10 @@ async def get_once(settings: Settings, path: str) -> tuple[int, bytes]:
     settings = settings.model_copy(update={"host": "127.0.0.1", "port": 0})
     app = build_app(settings, mode="http")
     runner, port = await _start_site(app, settings)
+    ml = app[STATE].ml
+    if ml is not None:  # the smoke test covers the worker too: wait until it is up (or failed)
+        with contextlib.suppress(TabAgentError):
+            await ml.supervisor.stub(wait=60)
     headers = {}
     if settings.api_key is not None:
         headers["Authorization"] = f"Bearer {settings.api_key.get_secret_value()}"

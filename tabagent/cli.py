@@ -38,6 +38,8 @@ def _click_type(annotation: Any) -> Any:
     if origin in (typing.Union, types.UnionType):
         inner = [a for a in typing.get_args(annotation) if a is not type(None)]
         return _click_type(inner[0])
+    if annotation is bool:
+        return click.BOOL
     if annotation is int:
         return click.INT
     if annotation is float:

@@ -106,6 +106,28 @@ class Settings(BaseModel):
     shutdown_timeout: float = Field(
         10.0, ge=0, le=300, description="Seconds in-flight requests get to finish on shutdown."
     )
+    ml_worker: bool = Field(
+        True, description="Start the ML worker process (false: the API without inference)."
+    )
+    keep_alive: float = Field(
+        300.0,
+        ge=-1,
+        le=7 * 24 * 3600,
+        description="Seconds an idle model stays loaded (-1: forever, 0: unload after each use).",
+    )
+    max_queue: int = Field(
+        8, ge=1, le=1000, description="Requests that may wait for one model before 429."
+    )
+    ram_budget_mb: int = Field(
+        0, ge=0, le=16 * 1024 * 1024, description="RAM for loaded models in MiB (0: half of RAM)."
+    )
+    n_ctx: int = Field(
+        0, ge=0, le=1_048_576, description="Context length of chat models (0: model's, max 4096)."
+    )
+    n_threads: int = Field(0, ge=0, le=1024, description="CPU threads for generation (0: cores).")
+    n_gpu_layers: int = Field(
+        0, ge=-1, le=10_000, description="Layers offloaded to the GPU (-1: all, 0: none)."
+    )
 
     @field_validator("allowed_hosts", "allowed_origins", "extension_ids", mode="before")
     @classmethod

@@ -17,7 +17,8 @@ the wire contract: add new ones, never rename.
     ├── ValidationFailed          422 invalid_request_error / validation_error
     ├── TooManyRequests           429 rate_limit_error / rate_limited
     ├── NotImplementedYet         501 server_error / not_implemented
-    └── ServiceUnavailable        503 server_error / unavailable
+    ├── ServiceUnavailable        503 server_error / unavailable
+    └── Timeout                   504 server_error / timeout
 """
 
 from __future__ import annotations
@@ -114,3 +115,9 @@ class ServiceUnavailable(TabAgentError):
     status = 503
     type = "server_error"
     code = "unavailable"
+
+
+class Timeout(TabAgentError):
+    status = 504
+    type = "server_error"
+    code = "timeout"

@@ -7,11 +7,15 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 from tabagent.config import Settings
+from tabagent.errors import ServiceUnavailable
 from tabagent.metrics import Metrics
 from tabagent.ops.registry import Registry
+
+if TYPE_CHECKING:
+    from tabagent.ml.services import MLServices
 
 ComponentHealth = Literal["ok", "starting", "degraded", "down", "unavailable", "off"]
 
@@ -35,8 +39,12 @@ class Components:
         return dict(self._status)
 
     @property
-    def healthy(self) -> bool:
-        return all(s.state in ("ok", "off", "unavailable") for s in self._status.values())
+    def overall(self) -> Literal["ok", "starting", "degraded"]:
+        """ok when every component is ok (or deliberately off); starting while one starts."""
+        states = {s.state for s in self._status.values()}
+        if states & {"down", "degraded"}:
+            return "degraded"
+        return "starting" if "starting" in states else "ok"
 
 
 @dataclass
@@ -48,6 +56,14 @@ class AppState:
     started_at: float = field(default_factory=time.monotonic)
     mode: str = "http"
     transports: tuple[str, ...] = ()
+    ml: MLServices | None = None
+
+    def require_ml(self) -> MLServices:
+        if self.ml is None:
+            raise ServiceUnavailable(
+                "inference is off in this server (started with --no-ml-worker)", code="ml_disabled"
+            )
+        return self.ml
 
     @property
     def uptime_s(self) -> float:

@@ -36,7 +36,8 @@ def isolated_home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
 
 @pytest.fixture
 def settings(isolated_home: Path) -> Settings:
-    return resolve({})[0]
+    """Settings of a server without the ML worker (tests of inference start their own)."""
+    return resolve({"ml_worker": False})[0]
 
 
 ClientFactory = Callable[..., Awaitable[TestClient[web.Request, web.Application]]]

@@ -6,6 +6,7 @@ Never written by hand: a new operation appears here as soon as it is registered.
 from __future__ import annotations
 
 import re
+import typing
 from collections.abc import Mapping
 from typing import Any
 
@@ -41,6 +42,21 @@ def _error_response(description: str) -> dict[str, Any]:
         "description": description,
         "content": {"application/json": {"schema": {"$ref": _REF.format(model="Error")}}},
     }
+
+
+def _members(model: Any) -> list[type[BaseModel]]:
+    """A response model, or the members of a union of event models."""
+    args = typing.get_args(model)
+    return list(args) if args else [model]
+
+
+def _response_schema(
+    model: Any, refs: Mapping[tuple[Any, JsonSchemaMode], dict[str, Any]]
+) -> dict[str, Any]:
+    members = _members(model)
+    if len(members) == 1:
+        return refs[(members[0], "serialization")]
+    return {"oneOf": [refs[(m, "serialization")] for m in members]}
 
 
 def _resolve(ref: dict[str, Any], defs: dict[str, Any]) -> dict[str, Any]:
@@ -98,7 +114,7 @@ def _operation_doc(
         "description": "Server-Sent Events; each data line is one event"
         if op.streaming
         else "Success",
-        "content": {media: {"schema": refs[(op.response_model, "serialization")]}},
+        "content": {media: {"schema": _response_schema(op.response_model, refs)}},
     }
     responses: dict[str, Any] = {str(op.http.status): ok}
     if op.request_model.model_fields or path_params:
@@ -115,9 +131,11 @@ def build_openapi(registry: Registry) -> dict[str, Any]:
     http_ops = [op for op in registry if op.http is not None]
     wanted: list[tuple[type[BaseModel], JsonSchemaMode]] = []
     for op in http_ops:
-        for key in ((op.request_model, "validation"), (op.response_model, "serialization")):
+        keys = [(op.request_model, "validation")]
+        keys += [(model, "serialization") for model in _members(op.response_model)]
+        for key in keys:
             if key not in wanted:
-                wanted.append(key)
+                wanted.append(key)  # type: ignore[arg-type]
     refs, top = models_json_schema(wanted, ref_template=_REF)
     defs: dict[str, Any] = dict(top.get("$defs", {}))
     paths: dict[str, dict[str, Any]] = {}

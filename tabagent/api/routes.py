@@ -123,5 +123,5 @@ async def stream_sse(
 
 def mount_operations(app: web.Application, registry: Registry, max_body: int) -> None:
     for op in registry:
-        if op.http is not None:
+        if op.http is not None and op.http.adapter == "default":
             app.router.add_route(op.http.method, op.http.path, _handler(op, max_body), name=op.name)

@@ -33,6 +33,9 @@ class Http:
     method: HttpMethod
     path: str
     status: int = 200
+    # "default": mounted by tabagent.api.routes; "custom": by tabagent.api.openai, which speaks
+    # OpenAI's wire format (chunk objects, `data: [DONE]`) over the same operation.
+    adapter: Literal["default", "custom"] = "default"
 
 
 @dataclass(slots=True)

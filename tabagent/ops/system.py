@@ -25,7 +25,7 @@ class ComponentReport(BaseModel):
 
 
 class Health(BaseModel):
-    status: Literal["ok", "degraded"]
+    status: Literal["ok", "starting", "degraded"]
     version: str
     uptime_s: float = Field(description="Seconds since the server started.")
     components: dict[str, ComponentReport]
@@ -79,7 +79,7 @@ async def health(ctx: OpContext, req: Empty) -> Health:
     """
     components = ctx.state.components
     return Health(
-        status="ok" if components.healthy else "degraded",
+        status=components.overall,
         version=__version__,
         uptime_s=round(ctx.state.uptime_s, 3),
         components={

@@ -1,0 +1,80 @@
+"""``embeddings.create``: OpenAI-compatible sentence embeddings."""
+
+from __future__ import annotations
+
+import base64
+from typing import Annotated, Literal
+
+import numpy as np
+from pydantic import BaseModel, ConfigDict, Field
+
+from ml_service.proto import ml_inference_pb2 as pb
+from tabagent.errors import BadRequest
+from tabagent.ops.registry import Http, OpContext, OperationGroup
+
+group = OperationGroup(tag="embeddings")
+
+MAX_INPUTS = 2048
+MAX_INPUT_CHARS = 100_000
+Text = Annotated[str, Field(max_length=MAX_INPUT_CHARS)]
+
+
+class EmbeddingRequest(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    input: Text | list[Text] = Field(description="A string or a list of strings.")
+    model: str | None = Field(None, max_length=256, description="Default: the embedded model.")
+    encoding_format: Literal["float", "base64"] = "float"
+    dimensions: int | None = Field(None, ge=1, le=65536)
+    user: str | None = Field(None, max_length=256)
+
+
+class Embedding(BaseModel):
+    object: Literal["embedding"] = "embedding"
+    index: int
+    embedding: list[float] | str
+
+
+class EmbeddingUsage(BaseModel):
+    prompt_tokens: int
+    total_tokens: int
+
+
+class EmbeddingList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[Embedding]
+    model: str
+    usage: EmbeddingUsage
+
+
+@group.operation("embeddings.create", http=Http("POST", "/v1/embeddings"))
+async def create(ctx: OpContext, req: EmbeddingRequest) -> EmbeddingList:
+    """Embed one or more texts (unit-length vectors; cosine similarity = dot product)."""
+    ml = ctx.state.require_ml()
+    inputs = [req.input] if isinstance(req.input, str) else req.input
+    if not 1 <= len(inputs) <= MAX_INPUTS:
+        raise BadRequest(f"input must hold 1 to {MAX_INPUTS} strings", param="input")
+    model_id = req.model or ml.orchestrator.default("embedding")
+    ml.orchestrator.spec(model_id, "embedding")
+    async with ml.orchestrator.use(model_id, ctx.request_id):
+        reply = await ml.supervisor.unary(
+            "Embed", pb.EmbedRequest(model_id=model_id, inputs=inputs), ctx.request_id, 120.0,
+            "embedding",
+        )  # fmt: skip
+    vectors = np.frombuffer(reply.vectors, dtype="<f4").reshape(len(inputs), reply.dimensions)
+    if req.dimensions is not None and req.dimensions != reply.dimensions:
+        raise BadRequest(
+            f"{model_id} makes {reply.dimensions}-dimensional vectors; "
+            f"dimensions={req.dimensions} is not supported",
+            param="dimensions",
+        )
+    data = [
+        Embedding(
+            index=i,
+            embedding=base64.b64encode(row.tobytes()).decode()
+            if req.encoding_format == "base64"
+            else row.tolist(),
+        )
+        for i, row in enumerate(vectors)
+    ]
+    usage = EmbeddingUsage(prompt_tokens=reply.prompt_tokens, total_tokens=reply.prompt_tokens)
+    return EmbeddingList(data=data, model=model_id, usage=usage)
