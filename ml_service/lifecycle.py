@@ -39,7 +39,9 @@ def die_with_parent(parent_pid: int) -> None:
         os.kill(os.getpid(), signal.SIGTERM)
 
 
-async def watch_parent(parent_pid: int, on_orphaned: Callable[[], None], interval: float = 0.5) -> None:
+async def watch_parent(
+    parent_pid: int, on_orphaned: Callable[[], None], interval: float = 0.5
+) -> None:
     """Poll for re-parenting (the portable fallback for platforms without PDEATHSIG)."""
     while True:
         await asyncio.sleep(interval)

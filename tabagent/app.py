@@ -20,7 +20,7 @@ import aiohttp
 from aiohttp import web
 
 from tabagent import __version__
-from tabagent.api.docs import add_docs_routes, add_web_ui
+from tabagent.api.docs import ASSETS_PREFIX, add_docs_routes, add_web_ui
 from tabagent.api.keys import OPENAPI, STATE
 from tabagent.api.middleware import (
     SecurityPolicy,
@@ -167,6 +167,7 @@ def build_app(
         allowed_origins=settings.allowed_origins,
         extension_ids=settings.extension_ids,
         api_key=settings.api_key.get_secret_value() if settings.api_key else None,
+        public_prefixes=(ASSETS_PREFIX,),
     )
     app = web.Application(
         middlewares=[context_middleware, security_middleware(policy)],

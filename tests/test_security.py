@@ -148,7 +148,18 @@ async def test_api_key_required_when_configured(make_client: ClientFactory) -> N
     assert metrics.status == 401
 
 
-@pytest.mark.parametrize("path", ["/v1/health", "/api-doc", "/api-doc/openapi.json", "/"])
+@pytest.mark.parametrize(
+    "path",
+    [
+        "/v1/health",
+        "/api-doc",
+        "/api-doc/swagger",
+        "/api-doc/openapi.json",
+        "/api-doc/assets/swagger/js/swagger-ui-bundle.js",
+        "/api-doc/assets/redoc/js/redoc.standalone.js",
+        "/",
+    ],
+)
 async def test_health_docs_and_ui_stay_open_with_an_api_key(
     make_client: ClientFactory, path: str
 ) -> None:

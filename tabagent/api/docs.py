@@ -8,6 +8,7 @@ their folders with ``importlib.util.find_spec`` and never import them (that woul
 from __future__ import annotations
 
 import importlib.util
+import re
 from pathlib import Path
 
 from aiohttp import web
@@ -18,6 +19,7 @@ from tabagent.api.middleware import mark_public
 from tabagent.errors import NotFound, ServiceUnavailable
 
 OPENAPI_PATH = "/api-doc/openapi.json"
+ASSETS_PREFIX = "/api-doc/assets/"
 WEB_DIR = Path(__file__).resolve().parent.parent / "web"
 
 # viewer -> (package that carries it, folder inside the package)
@@ -30,6 +32,7 @@ _VIEWERS = {
 _PAGES = {
     "swagger": """<!doctype html>
 <html lang="en"><head><meta charset="utf-8"><title>TabAgent API · Swagger UI</title>
+<link rel="icon" href="/api-doc/assets/swagger/images/swagger.svg">
 <link rel="stylesheet" href="/api-doc/assets/swagger/css/swagger-ui.css"></head>
 <body><div id="swagger-ui"></div>
 <script src="/api-doc/assets/swagger/js/swagger-ui-bundle.js"></script>
@@ -38,15 +41,18 @@ window.ui = SwaggerUIBundle({url: "%(spec)s", dom_id: "#swagger-ui", deepLinking
   validatorUrl: null, presets: [SwaggerUIBundle.presets.apis]});
 </script></body></html>""",
     "redoc": """<!doctype html>
-<html lang="en"><head><meta charset="utf-8"><title>TabAgent API · ReDoc</title></head>
+<html lang="en"><head><meta charset="utf-8"><title>TabAgent API · ReDoc</title>
+<link rel="icon" href="/api-doc/assets/redoc/images/redoc.svg"></head>
 <body><div id="redoc"></div>
-<script src="/api-doc/assets/redoc/js/redoc.standalone.js"></script>
-<script>
-Redoc.init("%(spec)s", {hideDownloadButton: false}, document.getElementById("redoc"));
+<script type="module">
+import {init} from "/api-doc/assets/redoc/js/redoc.standalone.js";
+init("%(spec)s", {hideDownloadButton: false, disableTelemetry: true},
+  document.getElementById("redoc"));
 </script>
 </body></html>""",
     "rapidoc": """<!doctype html>
 <html lang="en"><head><meta charset="utf-8"><title>TabAgent API · RapiDoc</title>
+<link rel="icon" href="/api-doc/assets/rapidoc/images/rapidoc.svg">
 <script type="module" src="/api-doc/assets/rapidoc/js/rapidoc-min.js"></script></head>
 <body><rapi-doc spec-url="%(spec)s" render-style="read" show-header="false"
   allow-try="true" load-fonts="false"></rapi-doc></body></html>""",
@@ -61,6 +67,13 @@ _INDEX = """<!doctype html>
 <li><a href="/api-doc/rapidoc">RapiDoc</a></li>
 <li><a href="%(spec)s">OpenAPI 3.1 document (JSON)</a></li>
 </ul></body></html>"""
+
+
+# ReDoc's sidebar always shows Redocly's logo from their CDN (no option turns it off): serve
+# the bundle with that address pointed at the logo its wheel ships, so the page stays offline.
+_REDOC_BUNDLE = "js/redoc.standalone.js"
+_REDOC_CDN_LOGO = re.compile(r"https://cdn\.redoc\.ly/redoc/logo-mini(?:-full)?\.svg")
+_REDOC_LOCAL_LOGO = "/api-doc/assets/redoc/images/redoc.svg"
 
 
 def viewer_dir(viewer: str) -> Path | None:
@@ -89,9 +102,24 @@ def add_docs_routes(app: web.Application) -> None:
     app.router.add_get("/api-doc", index, name="api-doc")
     for viewer in _VIEWERS:
         folder = viewer_dir(viewer)
+        if folder is not None and viewer == "redoc" and (folder / _REDOC_BUNDLE).is_file():
+            app.router.add_get(
+                f"/api-doc/assets/redoc/{_REDOC_BUNDLE}", _redoc_bundle(folder), name="redoc-bundle"
+            )
         if folder is not None:
             app.router.add_static(f"/api-doc/assets/{viewer}", folder, name=f"assets-{viewer}")
         app.router.add_get(f"/api-doc/{viewer}", _viewer_page(viewer, folder), name=viewer)
+
+
+def _redoc_bundle(folder: Path) -> Handler:
+    text = (folder / _REDOC_BUNDLE).read_text(encoding="utf-8")
+    body = _REDOC_CDN_LOGO.sub(_REDOC_LOCAL_LOGO, text).encode()
+
+    @mark_public
+    async def bundle(request: web.Request) -> web.Response:
+        return web.Response(body=body, content_type="text/javascript", charset="utf-8")
+
+    return bundle
 
 
 def _viewer_page(viewer: str, folder: Path | None) -> Handler:

@@ -142,7 +142,9 @@ class SecurityPolicy:
         allowed_origins: tuple[str, ...],
         extension_ids: tuple[str, ...],
         api_key: str | None,
+        public_prefixes: tuple[str, ...] = (),
     ) -> None:
+        self.public_prefixes = public_prefixes  # static files (docs assets) have no handler to mark
         hosts = set(_LOOPBACK_HOSTS) | {h.lower().strip("[]").rstrip(".") for h in allowed_hosts}
         if bind_host not in _WILDCARD_BINDS:
             hosts.add(bind_host.lower().strip("[]"))
@@ -208,9 +210,12 @@ def security_middleware(policy: SecurityPolicy) -> Middleware:
                     "or --extension-ids",
                     code="origin_not_allowed",
                 )
+        public = getattr(request.match_info.handler, "tabagent_public", False) or (
+            request.path.startswith(policy.public_prefixes)
+        )
         if (
             policy.requires_key
-            and not getattr(request.match_info.handler, "tabagent_public", False)
+            and not public
             and not policy.key_ok(request.headers.get("Authorization"))
         ):
             raise Unauthorized(

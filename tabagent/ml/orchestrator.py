@@ -179,6 +179,8 @@ class ModelOrchestrator:
         self, model_id: str, request_id: str = "-", keep_alive: float | None = None
     ) -> pb.ModelInfo:
         spec = self.spec(model_id)
+        # wait for a healthy worker first: after a restart, what it had loaded is gone
+        await self.supervisor.stub()
         async with self._lock:
             self._forget_if_restarted()
             slot = self._slots.get(model_id)

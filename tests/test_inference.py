@@ -1,0 +1,292 @@
+"""Inference through the real server, its real worker process and the real SmolLM2 model,
+driven by the official ``openai`` client as any user would."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import time
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+
+import openai
+import pytest
+
+from tests.helpers import RunningServer, running_server
+
+SYSTEM = {"role": "system", "content": "You are a helpful assistant. Answer concisely."}
+FRANCE = {"role": "user", "content": "What is the capital of France?"}
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningServer]:
+    home = tmp_path_factory.mktemp("home")
+    env = {
+        "HOME": str(home),
+        "XDG_DATA_HOME": str(home / "data"),
+        "XDG_STATE_HOME": str(home / "state"),
+        "XDG_CACHE_HOME": str(home / "cache"),
+        "XDG_RUNTIME_DIR": str(home),
+        "TABAGENT_MAX_QUEUE": "1",
+    }
+    with running_server(("--mode", "http"), env=env, log_dir=home) as srv:
+        yield srv
+
+
+@pytest.fixture
+def client(server: RunningServer) -> Iterator[openai.OpenAI]:
+    with openai.OpenAI(base_url=f"{server.base_url}/v1", api_key="unused", max_retries=0) as c:
+        yield c
+
+
+def worker_pid(server: RunningServer) -> int:
+    with urllib.request.urlopen(f"{server.base_url}/v1/health", timeout=5) as response:
+        detail = json.load(response)["components"]["ml_worker"]["detail"]
+    return int(detail.split()[-1])
+
+
+def children_of(pid: int) -> list[int]:
+    out = subprocess.run(["ps", "-o", "pid=", "--ppid", str(pid)], capture_output=True, text=True)
+    return [int(p) for p in out.stdout.split()]
+
+
+def test_chat_answers_the_capital_of_france(client: openai.OpenAI) -> None:
+    reply = client.chat.completions.create(
+        model="smollm2-135m-instruct", messages=[SYSTEM, FRANCE], temperature=0, max_tokens=30
+    )
+    assert "Paris" in (reply.choices[0].message.content or "")
+    assert reply.choices[0].finish_reason == "stop"
+    assert reply.usage is not None
+    assert reply.usage.prompt_tokens > 10
+    assert reply.usage.completion_tokens > 0
+
+
+def test_chat_streams_deltas_with_usage(client: openai.OpenAI) -> None:
+    stream = client.chat.completions.create(
+        model="smollm2-135m-instruct",
+        messages=[SYSTEM, FRANCE],
+        temperature=0,
+        max_tokens=30,
+        stream=True,
+        stream_options={"include_usage": True},
+    )
+    chunks = list(stream)
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert "Paris" in text
+    assert len([c for c in chunks if c.choices and c.choices[0].delta.content]) > 2
+    finishes = [c.choices[0].finish_reason for c in chunks if c.choices]
+    assert finishes[-1] == "stop"
+    assert chunks[-1].usage is not None
+    assert chunks[-1].usage.completion_tokens > 0
+
+
+def test_same_seed_and_temperature_zero_give_the_same_text(client: openai.OpenAI) -> None:
+    def ask() -> str:
+        reply = client.chat.completions.create(
+            model="smollm2-135m-instruct",
+            messages=[{"role": "user", "content": "Write a sentence about the sea."}],
+            temperature=0,
+            seed=7,
+            max_tokens=20,
+        )
+        return reply.choices[0].message.content or ""
+
+    assert ask() == ask()
+
+
+def test_max_tokens_stops_with_length(client: openai.OpenAI) -> None:
+    reply = client.chat.completions.create(
+        model="smollm2-135m-instruct",
+        messages=[{"role": "user", "content": "Count from one to one hundred."}],
+        max_tokens=5,
+    )
+    assert reply.choices[0].finish_reason == "length"
+    assert reply.usage is not None
+    assert reply.usage.completion_tokens <= 6
+
+
+def test_legacy_completions(client: openai.OpenAI) -> None:
+    reply = client.completions.create(
+        model="smollm2-135m-instruct",
+        prompt="The capital of France is",
+        max_tokens=8,
+        temperature=0,
+    )
+    assert reply.object == "text_completion"
+    assert reply.choices[0].text.strip()
+    streamed = client.completions.create(
+        model="smollm2-135m-instruct",
+        prompt="The capital of France is",
+        max_tokens=8,
+        temperature=0,
+        stream=True,
+    )
+    assert "".join(c.choices[0].text for c in streamed) == reply.choices[0].text
+
+
+def test_stop_sequence_ends_generation(client: openai.OpenAI) -> None:
+    reply = client.chat.completions.create(
+        model="smollm2-135m-instruct", messages=[SYSTEM, FRANCE], temperature=0, stop=["Paris"]
+    )
+    assert "Paris" not in (reply.choices[0].message.content or "")
+    assert reply.choices[0].finish_reason == "stop"
+
+
+def test_model_list_and_details(client: openai.OpenAI) -> None:
+    models = {m.id: m for m in client.models.list()}
+    assert "smollm2-135m-instruct" in models
+    model = client.models.retrieve("smollm2-135m-instruct")
+    assert model.owned_by == "HuggingFaceTB"
+    assert (model.model_extra or {})["kind"] == "chat"
+
+
+def test_unknown_model_is_a_404_model_not_found(client: openai.OpenAI) -> None:
+    with pytest.raises(openai.NotFoundError) as excinfo:
+        client.chat.completions.create(
+            model="no-such-model", messages=[{"role": "user", "content": "hi"}]
+        )
+    assert excinfo.value.code == "model_not_found"
+    with pytest.raises(openai.NotFoundError):
+        client.models.retrieve("no-such-model")
+
+
+def test_invalid_parameters_are_422_naming_the_field(client: openai.OpenAI) -> None:
+    with pytest.raises(openai.UnprocessableEntityError) as excinfo:
+        client.chat.completions.create(
+            model="smollm2-135m-instruct",
+            messages=[{"role": "user", "content": "hi"}],
+            temperature=5,
+        )
+    body = excinfo.value.body
+    assert isinstance(body, dict)
+    assert body["param"] == "temperature"
+
+
+def test_tokenize_and_detokenize_round_trip(server: RunningServer) -> None:
+    def post(path: str, payload: dict[str, object]) -> dict[str, object]:
+        request = urllib.request.Request(
+            server.base_url + path, data=json.dumps(payload).encode(), method="POST"
+        )
+        with urllib.request.urlopen(request, timeout=30) as response:
+            return dict(json.load(response))
+
+    tokens = post("/v1/tokenize", {"text": "Hello, world", "add_special": False})
+    assert tokens["count"] == len(tokens["tokens"])  # type: ignore[arg-type]
+    text = post("/v1/detokenize", {"tokens": tokens["tokens"]})
+    assert text["text"] == "Hello, world"
+
+
+def test_full_queue_answers_429_with_retry_after(server: RunningServer) -> None:
+    """TABAGENT_MAX_QUEUE=1: one request runs, one waits, the third is refused at once."""
+    import concurrent.futures
+
+    long_chat = {"model": "smollm2-135m-instruct", "max_tokens": 200,
+                 "messages": [{"role": "user", "content": "Tell me a long story."}]}  # fmt: skip
+
+    def send() -> tuple[int, dict[str, str]]:
+        request = urllib.request.Request(
+            f"{server.base_url}/v1/chat/completions",
+            data=json.dumps(long_chat).encode(),
+            method="POST",
+        )
+        try:
+            with urllib.request.urlopen(request, timeout=120) as response:
+                return response.status, dict(response.headers)
+        except urllib.error.HTTPError as exc:
+            with exc:
+                return exc.code, dict(exc.headers)
+
+    with concurrent.futures.ThreadPoolExecutor(4) as pool:
+        results = list(pool.map(lambda _: send(), range(4)))
+    refused = [headers for status, headers in results if status == 429]
+    assert refused, results
+    assert all(int(h["Retry-After"]) >= 1 for h in refused)
+    assert any(status == 200 for status, _ in results)
+
+
+def test_worker_killed_mid_stream_errors_then_recovers(
+    client: openai.OpenAI, server: RunningServer
+) -> None:
+    old = worker_pid(server)
+    stream = client.chat.completions.create(
+        model="smollm2-135m-instruct",
+        messages=[{"role": "user", "content": "Tell me a very long story about dragons."}],
+        max_tokens=400,
+        stream=True,
+    )
+
+    def read_and_kill_worker() -> None:
+        for i, _chunk in enumerate(stream):
+            if i == 3:
+                os.kill(old, signal.SIGKILL)
+
+    with stream, pytest.raises(openai.APIError) as excinfo:
+        read_and_kill_worker()
+    assert "worker" in str(excinfo.value.message)
+    deadline = time.monotonic() + 30
+    reply, statuses = None, []
+    while reply is None and time.monotonic() < deadline:
+        try:
+            reply = client.chat.completions.create(
+                model="smollm2-135m-instruct",
+                messages=[SYSTEM, FRANCE],
+                temperature=0,
+                max_tokens=20,
+            )
+        except openai.APIStatusError as exc:
+            statuses.append(exc.status_code)
+            time.sleep(0.2)
+    assert set(statuses) <= {503}  # while the worker restarts: 503, never another error
+    assert reply is not None
+    assert "Paris" in (reply.choices[0].message.content or "")
+    assert worker_pid(server) != old
+    with urllib.request.urlopen(f"{server.base_url}/metrics", timeout=5) as response:
+        metrics = response.read().decode()
+    assert "tabagent_ml_worker_restarts_total 1.0" in metrics
+    assert "tabagent_ttft_seconds_count" in metrics
+
+
+def test_stopping_the_server_leaves_no_worker(tmp_path: Path) -> None:
+    with running_server(("--mode", "http"), log_dir=tmp_path) as server:
+        with urllib.request.urlopen(f"{server.base_url}/v1/models", timeout=5) as response:
+            assert response.status == 200
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline and not children_of(server.proc.pid):
+            time.sleep(0.05)
+        workers = children_of(server.proc.pid)
+        assert workers
+        assert server.stop() == 0
+    for pid in workers:
+        with pytest.raises(ProcessLookupError):
+            os.kill(pid, 0)
+
+
+def test_worker_exits_when_the_server_is_killed(tmp_path: Path) -> None:
+    with running_server(("--mode", "http"), log_dir=tmp_path) as server:
+        pid = worker_pid_when_ready(server)
+        server.proc.kill()  # kill -9: no chance to clean up
+        server.proc.wait()
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            try:
+                os.kill(pid, 0)
+            except ProcessLookupError:
+                break
+            time.sleep(0.05)
+        else:
+            os.kill(pid, signal.SIGKILL)
+            pytest.fail("the worker outlived its server")
+
+
+def worker_pid_when_ready(server: RunningServer) -> int:
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        with urllib.request.urlopen(f"{server.base_url}/v1/health", timeout=5) as response:
+            component = json.load(response)["components"]["ml_worker"]
+        if component["state"] == "ok":
+            return int(component["detail"].split()[-1])
+        time.sleep(0.05)
+    raise TimeoutError("worker never became ready")
