@@ -14,7 +14,7 @@ import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, NoReturn, TypeVar
+from typing import Any, NoReturn
 
 import grpc
 import numpy as np
@@ -41,7 +41,6 @@ MAX_INPUT_CHARS = 1_000_000
 MAX_FRAME_PIXELS = 8_294_400  # 4K UHD
 _MODEL_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:/@\-]{0,199}")
 _DONE = object()
-B = TypeVar("B")
 
 
 @dataclass
@@ -183,11 +182,11 @@ class MLService(pb_grpc.MLInferenceServicer):
             version=__version__,
         )
 
-    async def _model(self, model_id: str, kind: type[B], context: grpc.aio.ServicerContext) -> B:
+    async def _model(self, model_id: str, backend: int, context: grpc.aio.ServicerContext) -> Any:
         loaded = self.models.get(model_id)
         if loaded is None:
             await _abort(context, grpc.StatusCode.NOT_FOUND, f"model {model_id!r} is not loaded")
-        if not isinstance(loaded.backend, kind):
+        if loaded.info.backend != backend:
             await _abort(
                 context,
                 grpc.StatusCode.FAILED_PRECONDITION,
@@ -202,7 +201,7 @@ class MLService(pb_grpc.MLInferenceServicer):
         self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[pb.GenerateChunk]:
         _bind_request_id(context)
-        model = await self._model(request.model_id, LlamaModel, context)
+        model = await self._model(request.model_id, pb.LLAMA_CPP, context)
         params = _sampling(request.sampling)
         try:
             if request.WhichOneof("input") == "chat":
@@ -253,7 +252,7 @@ class MLService(pb_grpc.MLInferenceServicer):
     async def Tokenize(
         self, request: pb.TokenizeRequest, context: grpc.aio.ServicerContext
     ) -> pb.TokenizeResponse:
-        model = await self._model(request.model_id, LlamaModel, context)
+        model = await self._model(request.model_id, pb.LLAMA_CPP, context)
         if len(request.text) > MAX_INPUT_CHARS:
             await _abort(
                 context, grpc.StatusCode.INVALID_ARGUMENT, f"text over {MAX_INPUT_CHARS} characters"
@@ -264,7 +263,7 @@ class MLService(pb_grpc.MLInferenceServicer):
     async def Detokenize(
         self, request: pb.DetokenizeRequest, context: grpc.aio.ServicerContext
     ) -> pb.DetokenizeResponse:
-        model = await self._model(request.model_id, LlamaModel, context)
+        model = await self._model(request.model_id, pb.LLAMA_CPP, context)
         try:
             text = await asyncio.to_thread(model.detokenize, list(request.tokens))
         except ValueError as exc:
@@ -277,9 +276,7 @@ class MLService(pb_grpc.MLInferenceServicer):
         self, request: pb.EmbedRequest, context: grpc.aio.ServicerContext
     ) -> pb.EmbedResponse:
         _bind_request_id(context)
-        from ml_service.backends.onnx_embed import OnnxEmbedder
-
-        model = await self._model(request.model_id, OnnxEmbedder, context)
+        model = await self._model(request.model_id, pb.ONNX_EMBEDDING, context)
         inputs = list(request.inputs)
         if not inputs:
             await _abort(context, grpc.StatusCode.INVALID_ARGUMENT, "inputs is empty")
@@ -310,23 +307,21 @@ class MLService(pb_grpc.MLInferenceServicer):
     # ---- vision ----
 
     async def _face_detector(self, model_id: str, context: grpc.aio.ServicerContext) -> Any:
-        from ml_service.backends.faces import FaceDetector
-
         if not model_id:
             model_id = DEFAULT_FACE_MODEL
             if model_id not in self.models:
                 await self.LoadModel(
                     pb.LoadModelRequest(model_id=model_id, backend=pb.MEDIAPIPE_FACES), context
                 )
-        return await self._model(model_id, FaceDetector, context)
+        return await self._model(model_id, pb.MEDIAPIPE_FACES, context)
 
     async def DetectFaces(
         self, request: pb.DetectFacesRequest, context: grpc.aio.ServicerContext
     ) -> pb.DetectFacesResponse:
         _bind_request_id(context)
+        detector = await self._face_detector(request.model_id, context)
         from ml_service.backends.faces import ImageError, decode_image
 
-        detector = await self._face_detector(request.model_id, context)
         min_conf = request.min_confidence if request.HasField("min_confidence") else None
         try:
             if request.WhichOneof("image") == "encoded":

@@ -154,9 +154,21 @@ for _name, _what in (
     ("hardware", "Show detected CPU, GPUs, NPUs and acceleration"),
     ("native", "Install the browser native-messaging host"),
     ("db", "Back up, restore and inspect the memory databases"),
-    ("ml-service", "Internal: run the ML worker process"),
 ):
     cli.add_command(_not_yet(_name, _what))
+
+
+@cli.command(
+    "ml-service",
+    context_settings={"ignore_unknown_options": True, "help_option_names": []},
+    add_help_option=False,
+)
+@click.argument("args", nargs=-1, type=click.UNPROCESSED)
+def ml_service_command(args: tuple[str, ...]) -> None:
+    """Internal: the ML worker process (the server starts it; see ml_service --help)."""
+    from ml_service.server import main as worker_main
+
+    worker_main(list(args))
 
 
 def _launched_by_browser(argv: Sequence[str]) -> str | None:

@@ -253,6 +253,10 @@ class WorkerSupervisor:
 
     # ---- calls ----
 
+    @property
+    def ready(self) -> bool:
+        return self._ready.is_set()
+
     def metadata(self, request_id: str = "-") -> tuple[tuple[str, str], ...]:
         return ((TOKEN_METADATA, self.token), (REQUEST_ID_METADATA, request_id))
 
