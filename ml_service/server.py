@@ -52,7 +52,7 @@ async def serve(args: argparse.Namespace, token: str) -> None:
             ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
         ],
     )
-    pb_grpc.add_MLInferenceServicer_to_server(service, server)
+    pb_grpc.add_MLInferenceServicer_to_server(service, server)  # type: ignore[no-untyped-call]
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     if server.add_insecure_port(args.listen) == 0 and not args.listen.startswith("unix:"):
         raise SystemExit(f"ml-service: cannot listen on {args.listen}")

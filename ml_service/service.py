@@ -18,6 +18,7 @@ from typing import Any, NoReturn
 
 import grpc
 import numpy as np
+import numpy.typing as npt
 
 from ml_service.backends.llama import (
     CancelFlag,
@@ -293,7 +294,7 @@ class MLService(pb_grpc.MLInferenceServicer):
                 f"an input is over {MAX_INPUT_CHARS} characters",
             )
 
-        def run() -> tuple[np.ndarray, int]:
+        def run() -> tuple[npt.NDArray[np.float32], int]:
             vectors = model.embed(inputs)
             return vectors, sum(model.count_tokens(inputs))
 
@@ -388,7 +389,7 @@ def _sampling(s: pb.Sampling) -> SamplingParams:
     )
 
 
-def _raw_frame(raw: pb.RawImage) -> np.ndarray:
+def _raw_frame(raw: pb.RawImage) -> npt.NDArray[np.uint8]:
     from ml_service.backends.faces import ImageError
 
     if raw.width == 0 or raw.height == 0 or raw.width * raw.height > MAX_FRAME_PIXELS:
