@@ -290,3 +290,30 @@ def worker_pid_when_ready(server: RunningServer) -> int:
             return int(component["detail"].split()[-1])
         time.sleep(0.05)
     raise TimeoutError("worker never became ready")
+
+
+def test_client_disconnect_stops_generation(server: RunningServer, client: openai.OpenAI) -> None:
+    """Close the connection mid-stream: the worker stops, so the next request runs at once."""
+    import http.client
+
+    conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=30)
+    body = {"model": "smollm2-135m-instruct", "stream": True, "max_tokens": 3000,
+            "messages": [{"role": "user", "content": "Write a very long epic poem."}]}  # fmt: skip
+    conn.request("POST", "/v1/chat/completions", body=json.dumps(body))
+    response = conn.getresponse()
+    assert response.status == 200
+    data_lines = 0
+    while data_lines < 3:
+        if response.fp.readline().startswith(b"data: "):
+            data_lines += 1
+    response.close()
+    conn.close()
+    start = time.monotonic()
+    reply = client.chat.completions.create(
+        model="smollm2-135m-instruct",
+        messages=[{"role": "user", "content": "Hi"}],
+        max_tokens=3,
+    )
+    assert reply.choices[0].finish_reason in ("length", "stop")
+    # 3,000 tokens at ~70 tokens/s would hold the model's slot for ~40 s
+    assert time.monotonic() - start < 10
