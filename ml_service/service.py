@@ -294,11 +294,7 @@ class MLService(pb_grpc.MLInferenceServicer):
                 f"an input is over {MAX_INPUT_CHARS} characters",
             )
 
-        def run() -> tuple[npt.NDArray[np.float32], int]:
-            vectors = model.embed(inputs)
-            return vectors, sum(model.count_tokens(inputs))
-
-        vectors, tokens = await asyncio.to_thread(run)
+        vectors, tokens = await asyncio.to_thread(model.embed_counted, inputs)
         return pb.EmbedResponse(
             dimensions=int(vectors.shape[1]),
             vectors=np.ascontiguousarray(vectors, dtype="<f4").tobytes(),

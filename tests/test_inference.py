@@ -317,3 +317,43 @@ def test_client_disconnect_stops_generation(server: RunningServer, client: opena
     assert reply.choices[0].finish_reason in ("length", "stop")
     # 3,000 tokens at ~70 tokens/s would hold the model's slot for ~40 s
     assert time.monotonic() - start < 10
+
+
+def test_embeddings_are_semantic(client: openai.OpenAI) -> None:
+    texts = ["My dog's name is Rex", "What is my dog called?", "The stock market fell today"]
+    reply = client.embeddings.create(model="all-minilm-l6-v2", input=texts)
+    assert reply.model == "all-minilm-l6-v2"
+    assert [d.index for d in reply.data] == [0, 1, 2]
+    vectors = [d.embedding for d in reply.data]
+    assert all(len(v) == 384 for v in vectors)
+
+    def cosine(a: list[float], b: list[float]) -> float:
+        return sum(x * y for x, y in zip(a, b, strict=True))  # unit vectors
+
+    assert abs(cosine(vectors[0], vectors[0]) - 1) < 1e-4
+    assert cosine(vectors[0], vectors[1]) > cosine(vectors[0], vectors[2]) + 0.3
+    assert reply.usage.prompt_tokens > len(texts) * 3
+
+
+def test_embeddings_base64_matches_float_and_default_model(client: openai.OpenAI) -> None:
+    import base64
+    import struct
+
+    as_float = client.embeddings.create(model="all-minilm-l6-v2", input="hello world")
+    raw = client.embeddings.with_raw_response.create(
+        model="all-minilm-l6-v2", input="hello world", encoding_format="base64"
+    )
+    encoded = json.loads(raw.http_response.text)["data"][0]["embedding"]
+    decoded = struct.unpack("<384f", base64.b64decode(encoded))
+    assert max(abs(a - b) for a, b in zip(decoded, as_float.data[0].embedding, strict=True)) < 1e-6
+    default = client.embeddings.create(model="", input="hello world")  # no model: the default
+    assert default.model == "all-minilm-l6-v2"
+
+
+def test_embedding_input_bounds(client: openai.OpenAI) -> None:
+    with pytest.raises(openai.BadRequestError):
+        client.embeddings.create(model="all-minilm-l6-v2", input=[])
+    with pytest.raises(openai.UnprocessableEntityError):
+        client.embeddings.create(model="all-minilm-l6-v2", input="x" * 100_001)
+    with pytest.raises(openai.NotFoundError):  # a chat model cannot embed
+        client.embeddings.create(model="smollm2-135m-instruct", input="hi")

@@ -1,0 +1,1 @@
+"""Benchmarks: each measures TabAgent beside a baseline in one run and prints a table."""

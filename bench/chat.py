@@ -1,0 +1,187 @@
+"""Streaming generation: TabAgent over HTTP vs llama-cpp-python in-process vs llama_cpp.server.
+
+Same model (the embedded SmolLM2-135M GGUF), same prompt, same threads, greedy decoding, same
+number of tokens; each peer measured in the same run, alternating rounds, medians reported.
+
+* TTFT: from sending the request (or calling the library) to the first text.
+* tokens/s: decode rate, (tokens - 1) / (last token time - first token time).
+
+Targets (issue 3): TabAgent >= 95% of direct tokens/s, TTFT overhead <= 15 ms, and >= 1.0x
+llama_cpp.server's tokens/s.
+"""
+
+from __future__ import annotations
+
+import argparse
+import http.client
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+from ml_service.backends.llama import physical_cores, smollm2_path
+
+PROMPT = (
+    "<|im_start|>user\nWrite a long story about a lighthouse keeper and the sea.<|im_end|>\n"
+    "<|im_start|>assistant\n"
+)
+N_CTX = 2048
+
+
+@dataclass
+class Sample:
+    ttft_ms: float
+    tokens: int
+    tokens_per_s: float
+
+
+def _sample(start: float, stamps: list[float]) -> Sample:
+    if len(stamps) < 2:
+        raise RuntimeError("fewer than two tokens generated")
+    decode = stamps[-1] - stamps[0]
+    return Sample((stamps[0] - start) * 1000, len(stamps), (len(stamps) - 1) / decode)
+
+
+def direct_runner(tokens: int, threads: int) -> Callable[[], Sample]:
+    import llama_cpp
+
+    llm = llama_cpp.Llama(model_path=smollm2_path(), n_ctx=N_CTX, n_threads=threads, verbose=False)
+
+    def run() -> Sample:
+        start = time.perf_counter()
+        stamps = []
+        for part in llm.create_completion(PROMPT, max_tokens=tokens, temperature=0, stream=True):
+            if part["choices"][0]["text"]:
+                stamps.append(time.perf_counter())
+        return _sample(start, stamps)
+
+    return run
+
+
+def http_runner(port: int, tokens: int, model: str) -> Callable[[], Sample]:
+    body = json.dumps({"model": model, "prompt": PROMPT, "max_tokens": tokens,
+                       "temperature": 0, "stream": True})  # fmt: skip
+    headers = {"Content-Type": "application/json"}
+
+    def run() -> Sample:
+        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=120)
+        start = time.perf_counter()
+        stamps = []
+        conn.request("POST", "/v1/completions", body=body, headers=headers)
+        response = conn.getresponse()
+        if response.status != 200:
+            raise RuntimeError(f"{port}: HTTP {response.status} {response.read()[:200]!r}")
+        for raw in response:
+            line = raw.strip()
+            if not line.startswith(b"data: ") or line == b"data: [DONE]":
+                continue
+            if json.loads(line[6:])["choices"][0].get("text"):
+                stamps.append(time.perf_counter())
+        conn.close()
+        return _sample(start, stamps)
+
+    return run
+
+
+def _wait(url: str, proc: subprocess.Popen[bytes], seconds: float = 60) -> None:
+    import urllib.error
+    import urllib.request
+
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"{url} exited with {proc.returncode}")
+        try:
+            with urllib.request.urlopen(url, timeout=1) as response:
+                if response.status == 200:
+                    return
+        except (urllib.error.URLError, OSError):
+            pass
+        time.sleep(0.1)
+    raise TimeoutError(url)
+
+
+@contextmanager
+def _process(args: list[str], health: str, env: dict[str, str] | None = None) -> Iterator[None]:
+    proc = subprocess.Popen(
+        args,
+        env={**os.environ, **(env or {})},
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        _wait(health, proc)
+        yield
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def run(args: argparse.Namespace) -> None:
+    tokens = 48 if args.quick else 128
+    rounds = 2 if args.quick else 5
+    threads = physical_cores()
+    home = tempfile.mkdtemp(prefix="tabagent-bench-")
+    ours, theirs = _free_port(), _free_port()
+    server_bin = os.path.join(os.path.dirname(sys.executable), "tabagent-server")
+    env = {"HOME": home, "XDG_DATA_HOME": f"{home}/data", "XDG_STATE_HOME": f"{home}/state",
+           "XDG_RUNTIME_DIR": home, "TABAGENT_N_CTX": str(N_CTX),
+           "TABAGENT_N_THREADS": str(threads), "TABAGENT_LOG_LEVEL": "WARNING"}  # fmt: skip
+    samples: dict[str, list[Sample]] = {}
+    # One peer at a time: on a small machine, an idle llama.cpp threadpool in another process
+    # still competes for the cores, so peers alive together would measure each other.
+    direct = direct_runner(tokens, threads)
+    samples["llama-cpp-python in-process"] = _collect(direct, rounds)
+    del direct
+    with _process([server_bin, "--mode", "http", "--port", str(ours)],
+                  f"http://127.0.0.1:{ours}/v1/health", env):  # fmt: skip
+        runner = http_runner(ours, tokens, "smollm2-135m-instruct")
+        samples["TabAgent HTTP (SSE)"] = _collect(runner, rounds)
+    with _process([sys.executable, "-m", "llama_cpp.server", "--model", smollm2_path(),
+                   "--n_ctx", str(N_CTX), "--n_threads", str(threads), "--port", str(theirs),
+                   "--host", "127.0.0.1"], f"http://127.0.0.1:{theirs}/v1/models"):  # fmt: skip
+        samples["llama_cpp.server HTTP (SSE)"] = _collect(http_runner(theirs, tokens, "x"), rounds)
+    report(samples, tokens, threads)
+
+
+def _collect(runner: Callable[[], Sample], rounds: int) -> list[Sample]:
+    runner()  # warm-up: model load, prompt cache
+    return [runner() for _ in range(rounds)]
+
+
+def report(samples: dict[str, list[Sample]], tokens: int, threads: int) -> None:
+    rows = {
+        name: (statistics.median(s.ttft_ms for s in got),
+               statistics.median(s.tokens_per_s for s in got))
+        for name, got in samples.items()
+    }  # fmt: skip
+    direct_ttft, direct_rate = rows["llama-cpp-python in-process"]
+    print(f"\nStreaming generation, SmolLM2-135M Q4_1, {tokens} tokens, {threads} threads, greedy")
+    print(f"{'peer':32} {'TTFT ms':>9} {'tokens/s':>9} {'vs direct':>10}")
+    for name, (ttft, rate) in rows.items():
+        print(f"{name:32} {ttft:9.1f} {rate:9.1f} {rate / direct_rate:9.1%}")
+    ours_ttft, ours_rate = rows["TabAgent HTTP (SSE)"]
+    _, theirs_rate = rows["llama_cpp.server HTTP (SSE)"]
+    checks = [
+        ("TabAgent tokens/s >= 95% of direct", ours_rate >= 0.95 * direct_rate),
+        (f"TTFT overhead <= 15 ms (is {ours_ttft - direct_ttft:.1f} ms)",
+         ours_ttft - direct_ttft <= 15),
+        (f"TabAgent >= 1.0x llama_cpp.server tokens/s (is {ours_rate / theirs_rate:.2f}x)",
+         ours_rate >= theirs_rate),
+    ]  # fmt: skip
+    for text, ok in checks:
+        print(f"{'PASS' if ok else 'FAIL'}  {text}")

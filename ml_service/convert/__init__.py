@@ -1,0 +1,1 @@
+"""Offline model conversions: checkpoints turned into the formats the worker runs."""
