@@ -109,6 +109,7 @@ def build_ml(settings: Settings, state: AppState, registry: CollectorRegistry) -
         ram_budget_bytes=budget,
         default_keep_alive=settings.keep_alive,
         max_queue=settings.max_queue,
+        request_timeout=settings.request_timeout,
         llama_options=pb.LlamaOptions(
             n_ctx=settings.n_ctx, n_threads=settings.n_threads, n_gpu_layers=settings.n_gpu_layers
         ),

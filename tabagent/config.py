@@ -118,6 +118,9 @@ class Settings(BaseModel):
     max_queue: int = Field(
         8, ge=1, le=1000, description="Requests that may wait for one model before 429."
     )
+    request_timeout: float = Field(
+        300.0, ge=1, le=24 * 3600, description="Seconds a request may wait for and use a model."
+    )
     ram_budget_mb: int = Field(
         0, ge=0, le=16 * 1024 * 1024, description="RAM for loaded models in MiB (0: half of RAM)."
     )

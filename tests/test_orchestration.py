@@ -119,3 +119,21 @@ async def test_models_are_reloaded_after_a_worker_restart(supervisor: WorkerSupe
     assert info.context_length > 0
     listed = await supervisor.unary("ListModels", pb.ListModelsRequest(), "-", 10, "list")
     assert [m.model_id for m in listed.models] == ["smollm2-135m-instruct"]
+
+
+async def test_waiting_longer_than_the_request_timeout_is_refused(
+    supervisor: WorkerSupervisor,
+) -> None:
+    from tabagent.errors import TooManyRequests
+
+    orch = ModelOrchestrator(
+        supervisor, [chat_spec()], ram_budget_bytes=4 << 30, request_timeout=0.2
+    )
+    async with orch.use("smollm2-135m-instruct"):  # holds the model's only slot
+        with pytest.raises(TooManyRequests) as excinfo:
+            async with orch.use("smollm2-135m-instruct"):
+                pass
+    assert excinfo.value.code == "queue_timeout"
+    assert excinfo.value.retry_after
+    async with orch.use("smollm2-135m-instruct"):  # the slot is free again afterwards
+        assert orch.queue_depth() == 0

@@ -125,6 +125,7 @@ class ModelOrchestrator:
         ram_budget_bytes: int,
         default_keep_alive: float = 300.0,
         max_queue: int = 8,
+        request_timeout: float = 300.0,
         concurrency: dict[ModelKind, int] | None = None,
         load_timeout: float = 120.0,
         llama_options: pb.LlamaOptions | None = None,
@@ -135,6 +136,7 @@ class ModelOrchestrator:
         self.ram_budget_bytes = ram_budget_bytes
         self.default_keep_alive = default_keep_alive
         self.max_queue = max_queue
+        self.request_timeout = request_timeout
         # llama contexts serve one generation at a time; embeddings and vision batch well
         self.concurrency = concurrency or {"chat": 1, "embedding": 2, "vision": 2}
         self.load_timeout = load_timeout
@@ -268,7 +270,13 @@ class ModelOrchestrator:
             )
         slot.waiting += 1
         try:
-            await slot.gate.acquire()
+            await asyncio.wait_for(slot.gate.acquire(), timeout=self.request_timeout)
+        except TimeoutError:
+            raise TooManyRequests(
+                f"{model_id} stayed busy for {self.request_timeout:.0f} s; try again later",
+                code="queue_timeout",
+                retry_after=5,
+            ) from None
         finally:
             slot.waiting -= 1
         slot.active += 1

@@ -24,7 +24,6 @@ group = OperationGroup(tag="chat")
 
 MAX_MESSAGES = 1024
 MAX_CONTENT_CHARS = 1_000_000
-GENERATE_TIMEOUT = 600.0
 _DURATION = re.compile(r"^(-?\d+(?:\.\d+)?)(ms|s|m|h)?$")
 _UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, None: 1.0}
 
@@ -153,7 +152,7 @@ async def generate(
         started = time.perf_counter()
         first_token_at: float | None = None
         async for chunk in ml.supervisor.stream(
-            "Generate", request, ctx.request_id, GENERATE_TIMEOUT, "generation"
+            "Generate", request, ctx.request_id, ml.orchestrator.request_timeout, "generation"
         ):
             if chunk.text:
                 if first_token_at is None:
