@@ -94,6 +94,9 @@ def prepare_socket(listen: str) -> None:
 def main(argv: Sequence[str] | None = None) -> None:
     args = parse_args(argv)
     prepare_socket(args.listen)
+    # mediapipe imports matplotlib, which writes a font cache: keep it in our cache, not the
+    # user's ~/.cache and ~/.config.
+    os.environ.setdefault("MPLCONFIGDIR", str(args.cache_dir / "matplotlib"))
     token = os.environ.pop(TOKEN_ENV, "")
     if not token:
         sys.stderr.write(f"ml-service: {TOKEN_ENV} is not set; the worker only serves its parent\n")

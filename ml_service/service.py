@@ -40,6 +40,10 @@ DEFAULT_FACE_MODEL = "mediapipe-face-detection"
 MAX_EMBED_INPUTS = 2048
 MAX_INPUT_CHARS = 1_000_000
 MAX_FRAME_PIXELS = 8_294_400  # 4K UHD
+# The face graph drops detections below its construction threshold, so it is built with a low
+# floor and each call filters at its own threshold (default 0.5, mediapipe's usual).
+FACE_FLOOR = 0.05
+DEFAULT_FACE_CONFIDENCE = 0.5
 _MODEL_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:/@\-]{0,199}")
 _DONE = object()
 
@@ -150,7 +154,7 @@ class MLService(pb_grpc.MLInferenceServicer):
         if request.backend == pb.MEDIAPIPE_FACES:
             from ml_service.backends.faces import FaceDetector
 
-            return FaceDetector(), {}
+            return FaceDetector(min_confidence=FACE_FLOOR), {}
         raise ValueError(f"unknown backend {request.backend}")
 
     async def UnloadModel(
@@ -319,7 +323,7 @@ class MLService(pb_grpc.MLInferenceServicer):
         detector = await self._face_detector(request.model_id, context)
         from ml_service.backends.faces import ImageError, decode_image
 
-        min_conf = request.min_confidence if request.HasField("min_confidence") else None
+        min_conf = _face_threshold(request)
         try:
             if request.WhichOneof("image") == "encoded":
                 rgb = await asyncio.to_thread(decode_image, request.encoded)
@@ -329,8 +333,10 @@ class MLService(pb_grpc.MLInferenceServicer):
                 raise ImageError("no image given")
             start = time.perf_counter()
             faces = await asyncio.to_thread(detector.detect, rgb, min_conf)
-        except ImageError as exc:
+        except (ImageError, ValueError) as exc:
             await _abort(context, grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+        except RuntimeError as exc:  # DetectionError: the graph failed and was rebuilt
+            await _abort(context, grpc.StatusCode.INTERNAL, str(exc))
         return pb.DetectFacesResponse(
             faces=[_face(f) for f in faces],
             width=rgb.shape[1],
@@ -348,12 +354,12 @@ class MLService(pb_grpc.MLInferenceServicer):
         async for frame in request_iterator:
             if detector is None:
                 detector = await self._face_detector(frame.model_id, context)
-            min_conf = frame.min_confidence if frame.HasField("min_confidence") else None
+            min_conf = _face_threshold(frame)
             try:
                 rgb = _raw_frame(frame.frame)
                 start = time.perf_counter()
                 faces = await asyncio.to_thread(detector.detect, rgb, min_conf)
-            except ImageError as exc:
+            except (ImageError, ValueError) as exc:
                 await _abort(context, grpc.StatusCode.INVALID_ARGUMENT, str(exc))
             yield pb.FrameDetections(
                 timestamp_us=frame.timestamp_us,
@@ -383,6 +389,12 @@ def _sampling(s: pb.Sampling) -> SamplingParams:
         seed=s.seed if s.HasField("seed") else None,
         stop=tuple(s.stop),
     )
+
+
+def _face_threshold(message: pb.DetectFacesRequest | pb.VideoFrame) -> float:
+    if message.HasField("min_confidence"):
+        return max(FACE_FLOOR, message.min_confidence)
+    return DEFAULT_FACE_CONFIDENCE
 
 
 def _raw_frame(raw: pb.RawImage) -> npt.NDArray[np.uint8]:

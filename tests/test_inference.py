@@ -357,3 +357,93 @@ def test_embedding_input_bounds(client: openai.OpenAI) -> None:
         client.embeddings.create(model="all-minilm-l6-v2", input="x" * 100_001)
     with pytest.raises(openai.NotFoundError):  # a chat model cannot embed
         client.embeddings.create(model="smollm2-135m-instruct", input="hi")
+
+
+def _astronaut_png() -> bytes:
+    import cv2
+    from skimage import data
+
+    ok, encoded = cv2.imencode(".png", cv2.cvtColor(data.astronaut(), cv2.COLOR_RGB2BGR))
+    assert ok
+    return encoded.tobytes()
+
+
+def _post_faces(
+    server: RunningServer, body: bytes, content_type: str
+) -> tuple[int, dict[str, object]]:
+    request = urllib.request.Request(
+        f"{server.base_url}/v1/vision/faces",
+        data=body,
+        method="POST",
+        headers={"Content-Type": content_type},
+    )
+    try:
+        with urllib.request.urlopen(request, timeout=60) as response:
+            return response.status, dict(json.load(response))
+    except urllib.error.HTTPError as exc:
+        with exc:
+            return exc.code, dict(json.load(exc))
+
+
+def test_face_detection_finds_the_astronaut_as_base64_json(server: RunningServer) -> None:
+    import base64
+
+    image = base64.b64encode(_astronaut_png()).decode()
+    body = json.dumps({"image": f"data:image/png;base64,{image}"}).encode()
+    status, result = _post_faces(server, body, "application/json")
+    assert status == 200, result
+    faces = result["faces"]
+    assert isinstance(faces, list)
+    assert len(faces) == 1
+    x, y, width, _ = faces[0]["box"]  # the face is in the upper middle of the photograph
+    assert 0.3 < x < 0.4
+    assert 0.1 < y < 0.25
+    assert 0.1 < width < 0.3
+    assert faces[0]["score"] > 0.8
+    assert {k["name"] for k in faces[0]["keypoints"]} >= {"left_eye", "right_eye", "nose_tip"}
+    assert (result["width"], result["height"]) == (512, 512)
+
+
+def test_face_detection_as_multipart_upload_and_blank_frame(server: RunningServer) -> None:
+    import cv2
+    import numpy as np
+
+    def multipart(image: bytes, extra: dict[str, str]) -> tuple[bytes, str]:
+        boundary = "tabagent-test-boundary"
+        parts = [
+            f'--{boundary}\r\nContent-Disposition: form-data; name="{k}"\r\n\r\n{v}\r\n'.encode()
+            for k, v in extra.items()
+        ]
+        parts.append(
+            f'--{boundary}\r\nContent-Disposition: form-data; name="image"; filename="a.png"\r\n'
+            "Content-Type: image/png\r\n\r\n".encode()
+            + image
+            + b"\r\n"
+        )
+        parts.append(f"--{boundary}--\r\n".encode())
+        return b"".join(parts), f"multipart/form-data; boundary={boundary}"
+
+    status, result = _post_faces(server, *multipart(_astronaut_png(), {"min_confidence": "0.6"}))
+    assert status == 200, result
+    assert len(result["faces"]) == 1  # type: ignore[arg-type]
+    ok, blank = cv2.imencode(".png", np.zeros((240, 320, 3), np.uint8))
+    assert ok
+    status, result = _post_faces(server, *multipart(blank.tobytes(), {}))
+    assert status == 200
+    assert result["faces"] == []
+
+
+@pytest.mark.parametrize(
+    ("body", "code"),
+    [
+        (json.dumps({"image": "not base64!"}), "bad_request"),
+        (json.dumps({"image": "aGVsbG8gd29ybGQ="}), "bad_request"),  # valid base64, not an image
+        (json.dumps({"image": "aGVsbG8=", "min_confidence": 2}), "validation_error"),
+    ],
+)
+def test_face_detection_rejects_bad_images_clearly(
+    server: RunningServer, body: str, code: str
+) -> None:
+    status, result = _post_faces(server, body.encode(), "application/json")
+    assert status in (400, 422)
+    assert result["error"]["code"] == code  # type: ignore[index]

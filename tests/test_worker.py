@@ -233,3 +233,30 @@ def test_worker_exits_when_its_parent_dies(tmp_path: Path) -> None:
         time.sleep(0.05)
     os.kill(worker_pid, signal.SIGKILL)
     pytest.fail("the worker outlived its parent")
+
+
+async def test_video_stream_gives_one_result_per_frame_in_order(worker: Worker) -> None:
+    import numpy as np
+    from skimage import data
+
+    face = data.astronaut()
+    blank = np.zeros_like(face)
+
+    async def frames() -> AsyncIterator[pb.VideoFrame]:
+        for i, image in enumerate([face, blank, face[:, ::-1].copy(), face]):
+            raw = pb.RawImage(width=image.shape[1], height=image.shape[0], rgb=image.tobytes())
+            yield pb.VideoFrame(timestamp_us=1000 * i, frame=raw)
+
+    results = [r async for r in worker.stub.DetectFacesStream(frames(), metadata=worker.md())]
+    assert [r.timestamp_us for r in results] == [0, 1000, 2000, 3000]
+    assert [len(r.faces) for r in results] == [1, 0, 1, 1]
+    assert results[0].faces[0].score > 0.8
+    assert results[0].faces[0].x == results[3].faces[0].x  # no state carried between frames
+
+    async def bad_frames() -> AsyncIterator[pb.VideoFrame]:
+        yield pb.VideoFrame(frame=pb.RawImage(width=10, height=10, rgb=b"short"))
+
+    with pytest.raises(grpc.aio.AioRpcError) as excinfo:
+        async for _ in worker.stub.DetectFacesStream(bad_frames(), metadata=worker.md()):
+            pass
+    assert excinfo.value.code() == grpc.StatusCode.INVALID_ARGUMENT
