@@ -447,3 +447,34 @@ def test_face_detection_rejects_bad_images_clearly(
     status, result = _post_faces(server, body.encode(), "application/json")
     assert status in (400, 422)
     assert result["error"]["code"] == code  # type: ignore[index]
+
+
+def test_load_and_unload_models_on_request(server: RunningServer, client: openai.OpenAI) -> None:
+    def post(path: str, payload: dict[str, object]) -> tuple[int, dict[str, object]]:
+        request = urllib.request.Request(
+            server.base_url + path, data=json.dumps(payload).encode(), method="POST"
+        )
+        try:
+            with urllib.request.urlopen(request, timeout=60) as response:
+                return response.status, dict(json.load(response))
+        except urllib.error.HTTPError as exc:
+            with exc:
+                return exc.code, dict(json.load(exc))
+
+    status, card = post("/v1/models/load", {"model": "all-minilm-l6-v2", "keep_alive": "10m"})
+    assert status == 200
+    assert card["loaded"] is True
+    assert card["embedding_dimensions"] == 384
+    assert {m.id: m.model_extra["loaded"] for m in client.models.list()}["all-minilm-l6-v2"]
+    assert post("/v1/models/unload", {"model": "all-minilm-l6-v2"}) == (
+        200,
+        {"model": "all-minilm-l6-v2", "unloaded": True},
+    )
+    assert not {m.id: m.model_extra["loaded"] for m in client.models.list()}["all-minilm-l6-v2"]
+    assert post("/v1/models/unload", {"model": "all-minilm-l6-v2"})[1]["unloaded"] is False
+    status, error = post("/v1/models/load", {"model": "nope"})
+    assert status == 404
+    assert error["error"]["code"] == "model_not_found"  # type: ignore[index]
+    status, error = post("/v1/models/load", {"model": "all-minilm-l6-v2", "keep_alive": "soon"})
+    assert status == 400
+    assert error["error"]["param"] == "keep_alive"  # type: ignore[index]
