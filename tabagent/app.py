@@ -14,6 +14,7 @@ import os
 import signal
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 import aiohttp
@@ -41,7 +42,9 @@ from tabagent.state import AppState
 if TYPE_CHECKING:
     from prometheus_client import CollectorRegistry
 
+    from tabagent.ml.orchestrator import ModelSpec
     from tabagent.ml.services import MLServices
+    from tabagent.models.service import ModelService
 
 log = logging.getLogger(__name__)
 
@@ -86,6 +89,29 @@ def _total_ram_bytes() -> int:
         return 8 << 30
 
 
+def build_models(settings: Settings) -> ModelService:
+    """The model cache (Hugging Face layout) and the puller that fills it."""
+    from tabagent.models.cache import ModelCache
+    from tabagent.models.pull import Puller
+    from tabagent.models.service import ModelService
+
+    cache = ModelCache(settings.model_cache_path)
+    return ModelService(
+        cache=cache, puller=Puller(cache), budget_bytes=settings.cache_budget_mb << 20
+    )
+
+
+def pulled_specs(models: ModelService) -> list[ModelSpec]:
+    from tabagent.ml.orchestrator import cached_spec
+
+    specs = []
+    for model in models.cache.models():
+        spec = cached_spec(model, [Path(p) for p in models.paths(model)])
+        if spec is not None:
+            specs.append(spec)
+    return specs
+
+
 def build_ml(settings: Settings, state: AppState, registry: CollectorRegistry) -> MLServices:
     """The worker supervisor and the model orchestrator, wired to health and metrics."""
     from ml_service.proto import ml_inference_pb2 as pb
@@ -103,9 +129,10 @@ def build_ml(settings: Settings, state: AppState, registry: CollectorRegistry) -
         on_restart=metrics.worker_restarts.inc,
     )
     budget = settings.ram_budget_mb << 20 or _total_ram_bytes() // 2
+    catalog = embedded_models() + (pulled_specs(state.models) if state.models else [])
     orchestrator = ModelOrchestrator(
         supervisor,
-        embedded_models(),
+        catalog,
         ram_budget_bytes=budget,
         default_keep_alive=settings.keep_alive,
         max_queue=settings.max_queue,
@@ -177,6 +204,7 @@ def build_app(
     app[STATE] = state
     app[OPENAPI] = build_openapi(registry)
     app.on_response_prepare.append(on_response_prepare)
+    state.models = build_models(settings)
     if settings.ml_worker:
         state.ml = build_ml(settings, state, state.metrics.registry)
         app.cleanup_ctx.append(_ml_component(state.ml))

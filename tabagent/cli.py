@@ -20,6 +20,7 @@ from pydantic import SecretStr
 
 from tabagent import __version__, logs
 from tabagent.app import UNAVAILABLE_TRANSPORTS, StartupError, Transports, get_once, serve
+from tabagent.cli_models import models_group
 from tabagent.config import Settings, SettingsError, describe, env_name, flag_name, resolve
 
 PROG = "tabagent-server"
@@ -149,8 +150,9 @@ def _not_yet(name: str, what: str) -> click.Command:
     return command
 
 
+cli.add_command(models_group(lambda ctx: _settings(ctx.find_root().obj)[0]))
+
 for _name, _what in (
-    ("models", "Pull, list and remove cached models"),
     ("hardware", "Show detected CPU, GPUs, NPUs and acceleration"),
     ("native", "Install the browser native-messaging host"),
     ("db", "Back up, restore and inspect the memory databases"),

@@ -121,6 +121,13 @@ class Settings(BaseModel):
     request_timeout: float = Field(
         300.0, ge=1, le=24 * 3600, description="Seconds a request may wait for and use a model."
     )
+    cache_budget_mb: int = Field(
+        0,
+        ge=0,
+        le=1 << 30,
+        description="Disk budget of the model cache in MiB; least recently used pulls are "
+        "evicted beyond it, never a loaded model (0: no limit).",
+    )
     ram_budget_mb: int = Field(
         0, ge=0, le=16 * 1024 * 1024, description="RAM for loaded models in MiB (0: half of RAM)."
     )

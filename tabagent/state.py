@@ -16,6 +16,7 @@ from tabagent.ops.registry import Registry
 
 if TYPE_CHECKING:
     from tabagent.ml.services import MLServices
+    from tabagent.models.service import ModelService
 
 ComponentHealth = Literal["ok", "starting", "degraded", "down", "unavailable", "off"]
 
@@ -57,6 +58,12 @@ class AppState:
     mode: str = "http"
     transports: tuple[str, ...] = ()
     ml: MLServices | None = None
+    models: ModelService | None = None
+
+    def require_models(self) -> ModelService:
+        if self.models is None:  # pragma: no cover - always built by the app
+            raise ServiceUnavailable("the model cache is not available", code="cache_unavailable")
+        return self.models
 
     def require_ml(self) -> MLServices:
         if self.ml is None:

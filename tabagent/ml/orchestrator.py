@@ -26,6 +26,7 @@ from typing import Literal
 from ml_service.proto import ml_inference_pb2 as pb
 from tabagent.errors import NotFound, TooManyRequests
 from tabagent.ml.supervisor import WorkerSupervisor
+from tabagent.models.cache import CachedModel
 
 log = logging.getLogger(__name__)
 
@@ -103,6 +104,20 @@ def embedded_models() -> list[ModelSpec]:
     return specs
 
 
+def cached_spec(model: CachedModel, paths: list[Path]) -> ModelSpec | None:
+    """The catalog entry of a pulled model: GGUF → chat (first shard), ONNX → embedding."""
+    owner, origin = model.repo_id.split("/")[0], f"pulled from {model.repo_id}"
+    ggufs = sorted(p for p in paths if p.suffix.lower() == ".gguf")
+    if ggufs:
+        return ModelSpec(model.ref, "chat", pb.LLAMA_CPP, str(ggufs[0]), model.size, owner, origin)
+    if any(p.suffix.lower() == ".onnx" for p in paths):
+        root = paths[0].parents[len(Path(model.files[0].path).parts) - 1]  # the snapshot folder
+        return ModelSpec(
+            model.ref, "embedding", pb.ONNX_EMBEDDING, str(root), model.size, owner, origin
+        )
+    return None
+
+
 @dataclass
 class _Slot:
     """Book-keeping of one loaded model."""
@@ -145,6 +160,10 @@ class ModelOrchestrator:
         self._slots: dict[str, _Slot] = {}
         self._lock = asyncio.Lock()
         self._reaper: asyncio.Task[None] | None = None
+
+    def register(self, spec: ModelSpec) -> None:
+        """Make a model (a fresh pull, say) nameable by clients right away."""
+        self.catalog[spec.id] = spec
 
     def spec(self, model_id: str, kind: ModelKind | None = None) -> ModelSpec:
         spec = self.catalog.get(model_id)

@@ -2,13 +2,20 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import time
-from typing import Literal
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
 from ml_service.proto import ml_inference_pb2 as pb
-from tabagent.ml.orchestrator import ModelSpec
+from tabagent.ml.orchestrator import ModelSpec, cached_spec
+from tabagent.models.cache import CachedModel
+from tabagent.models.pull import PullEvent
+from tabagent.models.refs import parse_ref
 from tabagent.ops.chat import parse_keep_alive
 from tabagent.ops.registry import Empty, Http, OpContext, OperationGroup
 
@@ -83,7 +90,7 @@ async def list_models(ctx: OpContext, req: Empty) -> ModelList:
     return ModelList(data=[_card(s, loaded.get(s.id)) for s in orchestrator.catalog.values()])
 
 
-@group.operation("models.get", http=Http("GET", "/v1/models/{id}"))
+@group.operation("models.get", http=Http("GET", "/v1/models/{id:.+}"))
 async def get_model(ctx: OpContext, req: ModelRef) -> ModelCard:
     """One model; 404 model_not_found if it does not exist."""
     orchestrator = ctx.state.require_ml().orchestrator
@@ -105,3 +112,110 @@ async def unload_model(ctx: OpContext, req: UnloadRequest) -> UnloadResponse:
     orchestrator = ctx.state.require_ml().orchestrator
     unloaded = await orchestrator.unload(req.model, ctx.request_id)
     return UnloadResponse(model=req.model, unloaded=unloaded)
+
+
+class PullRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    model: str = Field(
+        max_length=512,
+        description="org/repo, org/repo:QUANT, org/repo/path/to/file, each with optional @revision",
+    )
+    refresh: bool = Field(False, description="Ask the Hub even if the pull is complete locally.")
+
+
+class PullProgress(BaseModel):
+    event_name: ClassVar[str] = "progress"
+    status: str = Field(description="resolved, progress or file_done")
+    file: str = ""
+    completed: int
+    total: int
+
+
+class PullDone(BaseModel):
+    event_name: ClassVar[str] = "done"
+    status: str = "success"
+    model: ModelCard
+    cached: bool = Field(description="Everything was already in the cache: no network was used.")
+    files: list[str]
+
+
+class DeleteRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    id: str = Field(max_length=512)
+
+
+class DeleteResponse(BaseModel):
+    id: str
+    deleted: bool
+    freed_bytes: int
+
+
+@group.operation("models.pull", http=Http("POST", "/v1/models/pull"))
+async def pull_model(ctx: OpContext, req: PullRequest) -> AsyncIterator[PullProgress | PullDone]:
+    """Download a model from the Hugging Face Hub, streaming progress; usable right away.
+
+    Cancelling (closing the stream) leaves a resumable download: pull again to continue.
+    """
+    models = ctx.state.require_models()
+    ref = parse_ref(req.model)
+    events: asyncio.Queue[PullEvent] = asyncio.Queue()
+    cached = False
+
+    def on_event(event: PullEvent) -> None:
+        nonlocal cached
+        cached = cached or event.cached
+        if event.kind != "done":
+            events.put_nowait(event)
+
+    async def run() -> CachedModel:
+        async with models.lock_for(str(ref)):
+            return await models.puller.pull(ref, on_event, refresh=req.refresh)
+
+    task = asyncio.create_task(run())
+    last_progress = 0.0
+    try:
+        while not task.done() or not events.empty():
+            getter = asyncio.ensure_future(events.get())
+            await asyncio.wait({getter, task}, return_when=asyncio.FIRST_COMPLETED)
+            if not getter.done():
+                getter.cancel()
+                continue
+            event = getter.result()
+            now = time.monotonic()
+            if event.kind == "progress" and now - last_progress < 0.1:
+                continue  # at most ten progress events a second
+            last_progress = now
+            yield PullProgress(
+                status=event.kind, file=event.file, completed=event.done, total=event.total
+            )
+        model = task.result()
+    finally:
+        if not task.done():
+            task.cancel()  # the client went away: stop; the partial download stays resumable
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task
+    paths = models.paths(model)
+    spec = None
+    if ctx.state.ml is not None:
+        spec = cached_spec(model, [Path(p) for p in paths])
+        if spec is not None:
+            ctx.state.ml.orchestrator.register(spec)
+    protected = set(ctx.state.ml.orchestrator.loaded()) if ctx.state.ml else set()
+    await models.enforce_budget(protected | {model.ref})
+    card = _card(spec, None) if spec else ModelCard(
+        id=model.ref, created=int(model.pulled_at), owned_by=model.repo_id.split("/")[0],
+        kind="files", backend="none", size_bytes=model.size, loaded=False,
+    )  # fmt: skip
+    yield PullDone(model=card, cached=cached, files=paths)
+
+
+@group.operation("models.delete", http=Http("DELETE", "/v1/models/{id:.+}"))
+async def delete_model(ctx: OpContext, req: DeleteRequest) -> DeleteResponse:
+    """Remove a pulled model from the cache (unloading it first)."""
+    models = ctx.state.require_models()
+    ref = parse_ref(req.id)
+    if ctx.state.ml is not None and str(ref) in ctx.state.ml.orchestrator.catalog:
+        await ctx.state.ml.orchestrator.unload(str(ref), ctx.request_id)
+        ctx.state.ml.orchestrator.catalog.pop(str(ref), None)
+    freed = await asyncio.to_thread(models.cache.remove, str(ref), ref.repo_id)
+    return DeleteResponse(id=str(ref), deleted=True, freed_bytes=freed)

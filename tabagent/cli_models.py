@@ -1,0 +1,144 @@
+"""``tabagent-server models``: pull, list, remove and clean cached models (no server needed)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import sys
+import time
+from typing import Any
+
+import click
+from rich.console import Console
+from rich.progress import (
+    BarColumn,
+    DownloadColumn,
+    Progress,
+    TaskID,
+    TextColumn,
+    TimeRemainingColumn,
+    TransferSpeedColumn,
+)
+from rich.table import Table
+
+from tabagent.config import Settings
+from tabagent.errors import TabAgentError
+from tabagent.models.cache import ModelCache
+from tabagent.models.pull import Puller, PullEvent, model_paths
+from tabagent.models.refs import parse_ref
+
+
+def _human(size: float) -> str:
+    for unit in ("B", "KB", "MB", "GB"):
+        if size < 1000:
+            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
+        size /= 1000
+    return f"{size:.1f} TB"
+
+
+def _fail(exc: TabAgentError) -> None:
+    click.echo(f"tabagent-server models: {exc.message}", err=True)
+    sys.exit(1)
+
+
+def models_group(settings_of: Any) -> click.Group:
+    """The group; ``settings_of(ctx)`` resolves the server's settings (flags, env, defaults)."""
+
+    @click.group("models")
+    def models() -> None:
+        """Pull models from the Hugging Face Hub and manage the model cache."""
+
+    @models.command("pull")
+    @click.argument("ref")
+    @click.option("--refresh", is_flag=True, help="Ask the Hub even if the pull is complete.")
+    @click.pass_context
+    def pull(ctx: click.Context, ref: str, refresh: bool) -> None:
+        """Download REF (org/repo, org/repo:QUANT, org/repo/file, each with @revision).
+
+        Parallel, verified, resumable: Ctrl-C keeps what arrived, pull again to continue.
+        """
+        settings: Settings = settings_of(ctx)
+        cache = ModelCache(settings.model_cache_path)
+        console = Console(stderr=True)
+        try:
+            parsed = parse_ref(ref)
+        except TabAgentError as exc:
+            _fail(exc)
+        columns = (
+            TextColumn("{task.description}"),
+            BarColumn(),
+            DownloadColumn(),
+            TransferSpeedColumn(),
+            TimeRemainingColumn(),
+        )
+        with Progress(*columns, console=console, transient=False) as progress:
+            tasks: dict[str, TaskID] = {}
+            file_done: dict[str, int] = {}
+
+            def on_event(event: PullEvent) -> None:
+                if event.kind == "resolved":
+                    tasks["total"] = progress.add_task("total", total=event.total)
+                elif event.kind in ("progress", "file_done") and event.file:
+                    if event.file not in tasks:
+                        tasks[event.file] = progress.add_task(event.file, total=None)
+                    file_done[event.file] = event.done
+                    progress.update(tasks["total"], completed=event.done)
+
+            started = time.monotonic()
+            try:
+                model = asyncio.run(Puller(cache).pull(parsed, on_event, refresh=refresh))
+            except TabAgentError as exc:
+                progress.stop()
+                _fail(exc)
+            except KeyboardInterrupt:
+                progress.stop()
+                click.echo("interrupted: run the same pull again to resume", err=True)
+                sys.exit(130)
+        seconds = time.monotonic() - started
+        for path in model_paths(cache, model):
+            click.echo(str(path))
+        console.print(f"{model.ref}: {_human(model.size)} in {seconds:.1f} s")
+
+    @models.command("list")
+    @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+    @click.pass_context
+    def list_(ctx: click.Context, as_json: bool) -> None:
+        """Pulled models: size, last use."""
+        cache = ModelCache(settings_of(ctx).model_cache_path)
+        found = sorted(cache.models(), key=lambda m: m.ref)
+        if as_json:
+            rows = [
+                {"model": m.ref, "repo": m.repo_id, "commit": m.commit, "size_bytes": m.size,
+                 "last_used": m.last_used, "pulled_at": m.pulled_at,
+                 "files": [f.path for f in m.files]}
+                for m in found
+            ]  # fmt: skip
+            click.echo(json.dumps(rows, indent=2))
+            return
+        table = Table("model", "size", "last used", "files")
+        for m in found:
+            used = time.strftime("%Y-%m-%d %H:%M", time.localtime(m.last_used))
+            table.add_row(m.ref, _human(m.size), used, str(len(m.files)))
+        Console().print(table)
+
+    @models.command("rm")
+    @click.argument("ref")
+    @click.pass_context
+    def rm(ctx: click.Context, ref: str) -> None:
+        """Remove a pulled model and the files no other pull uses."""
+        cache = ModelCache(settings_of(ctx).model_cache_path)
+        try:
+            parsed = parse_ref(ref)
+            freed = cache.remove(str(parsed), parsed.repo_id)
+        except TabAgentError as exc:
+            _fail(exc)
+        click.echo(f"removed {parsed}, freed {_human(freed)}")
+
+    @models.command("gc")
+    @click.pass_context
+    def gc(ctx: click.Context) -> None:
+        """Delete unreferenced files and abandoned partial downloads (older than a week)."""
+        freed = ModelCache(settings_of(ctx).model_cache_path).gc()
+        click.echo(f"freed {_human(freed)}")
+
+    return models

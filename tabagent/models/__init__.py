@@ -1,0 +1,1 @@
+"""Model cache: Hub references, the parallel downloader, the Hugging Face cache layout."""

@@ -1,0 +1,492 @@
+"""The parallel, resumable, verified downloader: one file over many HTTP Range requests.
+
+Design (why it beats a fixed N-part split such as Ollama's 16 parts):
+
+* **Small parts, a shared queue, work stealing.** The file is cut into parts of a few MiB that
+  ``connections`` workers take in order over keep-alive connections. When the queue is empty,
+  an idle worker splits the biggest part still in flight and takes its second half, so one slow
+  connection never holds the tail of the download.
+* **Stall and error recovery.** Every read has a deadline; a stalled or broken connection is
+  dropped and the part resumes from its last written byte, with backoff, up to a retry limit.
+* **Resume across runs.** Data goes to ``<blob>.tabagent-partial`` (pre-allocated, so a full
+  disk fails at once) and the progress of every part to ``<blob>.tabagent-parts.json``, written
+  atomically about once a second. A killed process resumes from the bytes already on disk.
+* **Verification without a second pass.** The sha256 follows the contiguous prefix of the file
+  while parts land (from the page cache, overlapped with the network); when the last part is
+  in, only the tail is left to hash. A mismatch deletes the data and says so.
+* **Visible only when whole.** The blob appears under its final name by an atomic rename, after
+  verification.
+* **Fallback.** A server that ignores ``Range`` (200 instead of 206) gets one plain stream.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import errno
+import hashlib
+import json
+import logging
+import os
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import aiohttp
+
+from tabagent.errors import BadRequest, TabAgentError
+
+log = logging.getLogger(__name__)
+
+MiB = 1024 * 1024
+PARTIAL_SUFFIX = ".tabagent-partial"
+STATE_SUFFIX = ".tabagent-parts.json"
+_READ_CHUNK = 256 * 1024
+_STATE_EVERY = 1.0
+
+
+class DownloadError(TabAgentError):
+    status = 502
+    type = "server_error"
+    code = "download_failed"
+
+
+class ChecksumMismatch(DownloadError):
+    code = "checksum_mismatch"
+
+
+class DiskError(TabAgentError):
+    status = 507
+    type = "server_error"
+    code = "disk_error"
+
+
+@dataclass(frozen=True)
+class RemoteFile:
+    url: str
+    size: int
+    sha256: str | None  # the Hub's LFS sha256; None for small git files (checked by size)
+    name: str = ""
+
+
+@dataclass
+class Tuning:
+    connections: int = 16
+    min_part: int = 4 * MiB
+    max_part: int = 64 * MiB
+    stall_timeout: float = 10.0
+    max_retries: int = 8
+    backoff: float = 0.25
+
+
+@dataclass
+class _Part:
+    start: int
+    end: int  # exclusive; lowered when another worker steals the tail
+    done: int = 0  # bytes written from start
+    active: bool = False
+
+    @property
+    def pos(self) -> int:
+        return self.start + self.done
+
+    @property
+    def remaining(self) -> int:
+        return self.end - self.pos
+
+
+@dataclass
+class Counters:
+    """What one download did (also fed to Prometheus by the caller)."""
+
+    bytes_fetched: int = 0
+    retries: int = 0
+    stalls: int = 0
+    requests: int = 0
+    resumed_bytes: int = 0
+    single_stream: bool = False
+    seconds: float = 0.0
+
+
+ProgressFn = Callable[[int, int], None]  # (bytes on disk, total)
+
+
+def plan_parts(size: int, tuning: Tuning) -> list[_Part]:
+    """Parts of equal size: about four per connection, within [min_part, max_part]."""
+    if size == 0:
+        return []
+    target = size // max(1, tuning.connections * 4)
+    part = max(tuning.min_part, min(tuning.max_part, target))
+    return [_Part(start, min(start + part, size)) for start in range(0, size, part)]
+
+
+class _Download:
+    def __init__(
+        self,
+        session: aiohttp.ClientSession,
+        remote: RemoteFile,
+        dest: Path,
+        tuning: Tuning,
+        headers: dict[str, str],
+        progress: ProgressFn | None,
+    ) -> None:
+        self.session, self.remote, self.dest, self.tuning = session, remote, dest, tuning
+        self.headers = headers
+        self.progress = progress
+        self.partial = dest.with_name(dest.name + PARTIAL_SUFFIX)
+        self.state_path = dest.with_name(dest.name + STATE_SUFFIX)
+        self.counters = Counters()
+        self.parts: list[_Part] = []
+        self.url = remote.url  # becomes the CDN address after the first redirect
+        self.fd = -1
+        self._hasher = hashlib.sha256()
+        self._hashed = 0
+        self._last_state = 0.0
+
+    # ---- state on disk ----
+
+    def _load_state(self) -> bool:
+        try:
+            state = json.loads(self.state_path.read_text())
+            if state["size"] != self.remote.size or state.get("sha256") != self.remote.sha256:
+                return False
+            if self.partial.stat().st_size != self.remote.size:
+                return False
+            self.parts = [_Part(p[0], p[1], p[2]) for p in state["parts"]]
+        except (OSError, ValueError, KeyError, TypeError, IndexError):
+            return False
+        covered = sorted((p.start, p.end) for p in self.parts)
+        expected = 0
+        for start, end in covered:  # the parts must tile the file exactly
+            if start != expected or not start < end:
+                return False
+            expected = end
+        return expected == self.remote.size
+
+    def _save_state(self, force: bool = False) -> None:
+        now = time.monotonic()
+        if not force and now - self._last_state < _STATE_EVERY:
+            return
+        self._last_state = now
+        os.fsync(self.fd)  # the bytes the state promises are on disk first
+        state = {
+            "size": self.remote.size,
+            "sha256": self.remote.sha256,
+            "parts": [[p.start, p.end, p.done] for p in self.parts],
+        }
+        tmp = self.state_path.with_name(self.state_path.name + ".tmp")
+        tmp.write_text(json.dumps(state))
+        os.replace(tmp, self.state_path)
+
+    def _on_disk(self) -> int:
+        return sum(p.done for p in self.parts)
+
+    # ---- hashing the contiguous prefix ----
+
+    def _prefix(self) -> int:
+        prefix = 0
+        for part in sorted(self.parts, key=lambda p: p.start):
+            if part.start != prefix:
+                break
+            prefix = part.pos
+            if part.remaining > 0:
+                break
+        return prefix
+
+    async def _hash_upto(self, limit: int) -> None:
+        while self._hashed < limit:
+            count = min(8 * MiB, limit - self._hashed)
+            data = await asyncio.to_thread(os.pread, self.fd, count, self._hashed)
+            if not data:
+                raise DownloadError(f"{self.remote.name}: short read while verifying")
+            self._hasher.update(data)
+            self._hashed += len(data)
+
+    async def _hash_follower(self, done: asyncio.Event) -> None:
+        while not done.is_set():
+            await self._hash_upto(self._prefix())
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(done.wait(), timeout=0.05)
+
+    # ---- the transfer ----
+
+    async def run(self) -> Counters:
+        started = time.monotonic()
+        self.dest.parent.mkdir(parents=True, exist_ok=True)
+        resumed = self._load_state()
+        if not resumed:
+            self.partial.unlink(missing_ok=True)
+            self.parts = plan_parts(self.remote.size, self.tuning)
+        self.counters.resumed_bytes = self._on_disk()
+        flags = os.O_RDWR | os.O_CREAT | getattr(os, "O_BINARY", 0)
+        try:
+            self.fd = os.open(self.partial, flags, 0o644)
+            if not resumed:
+                _preallocate(self.fd, self.remote.size, self.partial)
+        except OSError as exc:
+            raise _disk_error(exc, self.partial, self.remote.size) from None
+        try:
+            if self.remote.size:
+                await self._transfer()
+            await self._hash_upto(self.remote.size)
+            self._verify()
+            os.fsync(self.fd)
+        except (ChecksumMismatch, DiskError):
+            raise  # nothing worth resuming: the data was deleted
+        except BaseException:
+            if self.fd >= 0 and self.parts:
+                with contextlib.suppress(OSError):
+                    self._save_state(force=True)  # Ctrl-C, kill, errors: resumable
+            raise
+        finally:
+            os.close(self.fd)
+        os.replace(self.partial, self.dest)
+        self.state_path.unlink(missing_ok=True)
+        self.counters.seconds = time.monotonic() - started
+        return self.counters
+
+    def _verify(self) -> None:
+        if self.remote.sha256 is None:
+            return
+        actual = self._hasher.hexdigest()
+        if actual != self.remote.sha256.lower():
+            self.partial.unlink(missing_ok=True)
+            self.state_path.unlink(missing_ok=True)
+            raise ChecksumMismatch(
+                f"{self.remote.name}: the downloaded data does not match the Hub's sha256 "
+                f"(expected {self.remote.sha256[:12]}…, got {actual[:12]}…); it was deleted, "
+                "try again"
+            )
+
+    async def _transfer(self) -> None:
+        done = asyncio.Event()
+        hasher = asyncio.create_task(self._hash_follower(done))
+        try:
+            if not await self._probe_ranges():
+                await self._single_stream()
+            else:
+                workers = min(self.tuning.connections, max(1, len(self.parts)))
+                async with asyncio.TaskGroup() as group:
+                    for _ in range(workers):
+                        group.create_task(self._worker())
+        except* TabAgentError as group:
+            raise group.exceptions[0] from None
+        finally:
+            done.set()
+            await hasher
+        if any(p.remaining for p in self.parts):
+            raise DownloadError(f"{self.remote.name}: parts are missing after the transfer")
+
+    async def _probe_ranges(self) -> bool:
+        """Follow redirects once (to the CDN) and learn whether the server honours Range."""
+        headers = {**self.headers, "Range": "bytes=0-0"}
+        for attempt in range(self.tuning.max_retries + 1):
+            try:
+                async with self.session.get(self.url, headers=headers) as response:
+                    self.counters.requests += 1
+                    if response.status == 206:
+                        self.url = str(response.url)
+                        return True
+                    if response.status == 200:
+                        self.url = str(response.url)
+                        return False
+                    _raise_for_status(response.status, self.remote.name)
+            except (aiohttp.ClientError, TimeoutError, _Retryable) as exc:
+                await self._backoff(attempt, exc)
+        raise DownloadError(f"{self.remote.name}: the server kept failing")
+
+    async def _backoff(self, attempt: int, exc: BaseException) -> None:
+        self.counters.retries += 1
+        if attempt >= self.tuning.max_retries:
+            raise DownloadError(f"{self.remote.name}: gave up after {attempt} retries: {exc}")
+        delay = min(10.0, self.tuning.backoff * 2**attempt)
+        log.info("%s: retry in %.2f s (%s)", self.remote.name, delay, exc)
+        await asyncio.sleep(delay)
+
+    def _next_part(self) -> _Part | None:
+        for part in self.parts:
+            if not part.active and part.remaining > 0:
+                part.active = True
+                return part
+        # steal: split the in-flight part with the most left, if it is worth it
+        busy = [p for p in self.parts if p.active and p.remaining >= 2 * self.tuning.min_part]
+        if not busy:
+            return None
+        victim = max(busy, key=lambda p: p.remaining)
+        middle = victim.pos + victim.remaining // 2
+        stolen = _Part(middle, victim.end, active=True)
+        victim.end = middle
+        self.parts.append(stolen)
+        return stolen
+
+    async def _worker(self) -> None:
+        while (part := self._next_part()) is not None:
+            attempt = 0
+            while part.remaining > 0:
+                try:
+                    await self._fetch_part(part)
+                    attempt = 0
+                except (aiohttp.ClientError, TimeoutError, _Retryable) as exc:
+                    await self._backoff(attempt, exc)
+                    attempt += 1
+            part.active = False
+
+    async def _fetch_part(self, part: _Part) -> None:
+        headers = {**self.headers, "Range": f"bytes={part.pos}-{part.end - 1}"}
+        async with self.session.get(self.url, headers=headers) as response:
+            self.counters.requests += 1
+            if response.status != 206:
+                _raise_for_status(response.status, self.remote.name)
+                raise _Retryable(f"expected 206, got {response.status}")
+            while part.remaining > 0:
+                want = min(_READ_CHUNK, part.remaining)
+                try:
+                    data = await asyncio.wait_for(
+                        response.content.read(want), timeout=self.tuning.stall_timeout
+                    )
+                except TimeoutError:
+                    self.counters.stalls += 1
+                    raise _Retryable(f"stalled for {self.tuning.stall_timeout:.0f} s") from None
+                if not data:
+                    raise _Retryable("connection closed mid-part")
+                data = data[: part.remaining]  # a stolen tail shortened this part
+                self._write(data, part.pos)
+                part.done += len(data)
+                self.counters.bytes_fetched += len(data)
+                self._report()
+
+    async def _single_stream(self) -> None:
+        self.counters.single_stream = True
+        for part in self.parts:  # no Range: everything restarts from byte 0
+            part.done = 0
+        self._hasher, self._hashed = hashlib.sha256(), 0
+        self.parts = [_Part(0, self.remote.size, active=True)]
+        for attempt in range(self.tuning.max_retries + 1):
+            self.parts[0].done = 0
+            try:
+                async with self.session.get(self.url, headers=self.headers) as response:
+                    self.counters.requests += 1
+                    _raise_for_status(response.status, self.remote.name)
+                    async for data in response.content.iter_chunked(_READ_CHUNK):
+                        part = self.parts[0]
+                        data = data[: part.remaining]
+                        self._write(data, part.pos)
+                        part.done += len(data)
+                        self.counters.bytes_fetched += len(data)
+                        self._report()
+                if self.parts[0].remaining == 0:
+                    return
+                raise _Retryable("the stream ended early")
+            except (aiohttp.ClientError, TimeoutError, _Retryable) as exc:
+                self._hasher, self._hashed = hashlib.sha256(), 0
+                await self._backoff(attempt, exc)
+
+    def _write(self, data: bytes, offset: int) -> None:
+        try:
+            view = memoryview(data)
+            while view:
+                written = os.pwrite(self.fd, view, offset)
+                view, offset = view[written:], offset + written
+        except OSError as exc:
+            raise _disk_error(exc, self.partial, self.remote.size) from None
+
+    def _report(self) -> None:
+        self._save_state()
+        if self.progress is not None:
+            self.progress(self._on_disk(), self.remote.size)
+
+
+class _Retryable(Exception):
+    """A transient failure: retry the part from its last written byte."""
+
+
+def _raise_for_status(status: int, name: str) -> None:
+    if status in (200, 206):
+        return
+    if status in (408, 429) or status >= 500:
+        raise _Retryable(f"HTTP {status}")
+    if status in (401, 403):
+        raise BadRequest(
+            f"{name}: access denied (HTTP {status}); a gated or private model needs HF_TOKEN",
+            code="hub_access_denied",
+        )
+    if status == 404:
+        raise BadRequest(f"{name}: not found on the Hub", code="file_not_found")
+    raise DownloadError(f"{name}: HTTP {status}")
+
+
+def _preallocate(fd: int, size: int, path: Path) -> None:
+    if size == 0:
+        return
+    if hasattr(os, "posix_fallocate"):
+        try:
+            os.posix_fallocate(fd, 0, size)
+            return
+        except OSError as exc:
+            if exc.errno not in (errno.EOPNOTSUPP, errno.EINVAL):
+                raise
+    os.ftruncate(fd, size)
+
+
+def _disk_error(exc: OSError, path: Path, size: int) -> TabAgentError:
+    with contextlib.suppress(OSError):
+        path.unlink(missing_ok=True)
+    with contextlib.suppress(OSError):
+        path.with_name(path.name.removesuffix(PARTIAL_SUFFIX) + STATE_SUFFIX).unlink(
+            missing_ok=True
+        )
+    if exc.errno == errno.ENOSPC:
+        return DiskError(
+            f"not enough disk space in {path.parent} for {size / MiB:.0f} MiB; "
+            "free some space or set --model-cache-path elsewhere",
+            code="disk_full",
+        )
+    if exc.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+        return DiskError(
+            f"cannot write to {path.parent}: {exc.strerror}; check its permissions or set "
+            "--model-cache-path",
+            code="disk_permission",
+        )
+    return DiskError(f"cannot write {path}: {exc.strerror or exc}")
+
+
+async def download(
+    session: aiohttp.ClientSession,
+    remote: RemoteFile,
+    dest: Path,
+    *,
+    tuning: Tuning | None = None,
+    headers: dict[str, str] | None = None,
+    progress: ProgressFn | None = None,
+) -> Counters:
+    """Fetch ``remote`` into ``dest`` (atomically, verified); resumes a previous attempt."""
+    job = _Download(session, remote, dest, tuning or Tuning(), dict(headers or {}), progress)
+    return await job.run()
+
+
+def new_session(connections: int = 16, token: str | None = None) -> aiohttp.ClientSession:
+    """A session for downloads: keep-alive connections, redirects followed, no total timeout."""
+    connector = aiohttp.TCPConnector(limit=connections * 2, limit_per_host=connections)
+    headers = {"User-Agent": "tabagent-downloader"}
+    if token:
+        headers["Authorization"] = f"Bearer {token}"
+    return aiohttp.ClientSession(
+        connector=connector,
+        headers=headers,
+        timeout=aiohttp.ClientTimeout(total=None, sock_connect=30),
+        auto_decompress=False,
+    )
+
+
+__all__ = [
+    "ChecksumMismatch",
+    "Counters",
+    "DiskError",
+    "DownloadError",
+    "RemoteFile",
+    "Tuning",
+    "download",
+    "new_session",
+    "plan_parts",
+]
