@@ -20,7 +20,7 @@ from aiohttp import BodyPartReader, web
 from pydantic import BaseModel
 
 from tabagent.api.keys import REQUEST_ID, STATE
-from tabagent.api.routes import read_json_object
+from tabagent.api.routes import read_json_object, started
 from tabagent.errors import BadRequest, PayloadTooLarge, TabAgentError
 from tabagent.ops.chat import Delta, Finished, SamplingFields
 from tabagent.ops.registry import OpContext, Operation, Registry
@@ -85,15 +85,10 @@ async def _stream(
             body["usage"] = usage
         return body
 
-    try:
-        # the first event decides between a JSON error (nothing sent yet) and a stream
-        first_event = await anext(aiter(events))
-    except StopAsyncIteration:
-        first_event = None
+    events = await started(events)
     await response.prepare(request)
     try:
-        pending = [first_event] if first_event is not None else []
-        async for event in _chain(pending, events):
+        async for event in events:
             if isinstance(event, Delta):
                 await response.write(
                     _sse(envelope(event.model, [shape.chunk_choice(event.text, None, first)]))
@@ -121,15 +116,6 @@ async def _stream(
         await events.aclose()  # type: ignore[attr-defined]
     await response.write_eof()
     return response
-
-
-async def _chain(
-    first: list[BaseModel], rest: AsyncIterator[BaseModel]
-) -> AsyncIterator[BaseModel]:
-    for item in first:
-        yield item
-    async for item in rest:
-        yield item
 
 
 async def _gather(shape: _Shape, events: AsyncIterator[BaseModel]) -> web.Response:

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Mapping
+from collections.abc import AsyncIterator, Mapping
 from typing import Any
 
 from aiohttp import web
@@ -86,6 +86,32 @@ def _handler(op: Operation, max_body: int) -> Handler:
     return mark_public(handle) if op.public else handle
 
 
+async def started(events: AsyncIterator[BaseModel]) -> AsyncIterator[BaseModel]:
+    """The same events once the first has arrived. A stream that fails before its first event
+    (unknown model, bad reference, full queue) then answers a plain JSON error with its HTTP
+    status, instead of an error event inside a 200 stream."""
+    try:
+        first = await anext(events)
+    except StopAsyncIteration:
+        return _chain(None, events)
+    except BaseException:
+        await events.aclose()  # type: ignore[attr-defined]
+        raise
+    return _chain(first, events)
+
+
+async def _chain(
+    first: BaseModel | None, rest: AsyncIterator[BaseModel]
+) -> AsyncIterator[BaseModel]:
+    try:
+        if first is not None:
+            yield first
+        async for item in rest:
+            yield item
+    finally:
+        await rest.aclose()  # type: ignore[attr-defined]
+
+
 async def stream_sse(
     request: web.Request, op: Operation, ctx: OpContext, parsed: BaseModel
 ) -> web.StreamResponse:
@@ -96,8 +122,8 @@ async def stream_sse(
             "X-Accel-Buffering": "no",
         }
     )
+    events = await started(op.stream(ctx, parsed))
     await response.prepare(request)
-    events = op.stream(ctx, parsed)
     finished = False
     try:
         async for item in events:

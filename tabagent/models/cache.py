@@ -83,7 +83,8 @@ class ModelCache:
             raise BadRequest(f"{commit!r} is not a commit", code="unsafe_path")
         base = self.repo_dir(repo_id) / "snapshots" / commit
         target = base / safe_relative_path(path)
-        if not target.resolve().is_relative_to(base.resolve()):  # a symlinked folder, say
+        # the file itself is a symlink into blobs/; its folder must not lead out of the snapshot
+        if not target.parent.resolve().is_relative_to(base.resolve()):
             raise BadRequest(f"{path!r} leaves the snapshot", code="unsafe_path")
         return target
 

@@ -65,7 +65,7 @@ class _Listing:
 
 
 def _model_info(ref: ModelRef, endpoint: str, token: str | None) -> _Listing:
-    from huggingface_hub import HfApi
+    from huggingface_hub import HfApi, constants
     from huggingface_hub.errors import (
         GatedRepoError,
         HfHubHTTPError,
@@ -73,6 +73,9 @@ def _model_info(ref: ModelRef, endpoint: str, token: str | None) -> _Listing:
         RevisionNotFoundError,
     )
 
+    # huggingface_hub freezes HF_HUB_OFFLINE at import; we decide from the environment now
+    # (and only get here when online), so its request hook must agree.
+    constants.HF_HUB_OFFLINE = False
     api = HfApi(endpoint=endpoint, token=token)
     try:
         info = api.model_info(ref.repo_id, revision=ref.revision, files_metadata=True)

@@ -1,0 +1,329 @@
+"""Pulling models from a local fake of the Hugging Face Hub: parallel, verified, resumable,
+safe against hostile listings, compatible with huggingface_hub's cache, and usable by chat."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import os
+import signal
+import sys
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+
+from tabagent.errors import BadRequest
+from tabagent.models.cache import ModelCache
+from tabagent.models.downloader import ChecksumMismatch, Tuning
+from tabagent.models.pull import Puller
+from tabagent.models.refs import parse_ref
+from tests.fakehub import FakeHub
+from tests.helpers import SERVER_BIN
+
+MiB = 1024 * 1024
+REPO = "test-org/big-model"
+
+
+@pytest.fixture
+async def hub(monkeypatch: pytest.MonkeyPatch) -> AsyncIterator[FakeHub]:
+    async with FakeHub() as fake:
+        monkeypatch.setenv("HF_ENDPOINT", fake.endpoint)
+        monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+        monkeypatch.delenv("HF_TOKEN", raising=False)
+        yield fake
+
+
+def add_big(hub: FakeHub, path: str, size: int, seed: int = 0) -> str:
+    """Add an LFS file to REPO; returns its sha256 (the blob name)."""
+    hub.add_big_file(REPO, path, size, seed=seed)
+    sha = hub.file_info(REPO, path).sha256
+    assert sha is not None
+    return sha
+
+
+def fast_tuning(**overrides: float) -> Tuning:
+    tuning = Tuning(connections=8, min_part=1 * MiB, stall_timeout=1.0, backoff=0.01)
+    for key, value in overrides.items():
+        setattr(tuning, key, value)
+    return tuning
+
+
+def sha256_of(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def files_under(root: Path) -> set[str]:
+    return {str(p.relative_to(root)) for p in root.rglob("*") if p.is_file() or p.is_symlink()}
+
+
+async def test_parallel_download_is_verified_and_laid_out_like_the_hf_cache(
+    hub: FakeHub, tmp_path: Path
+) -> None:
+    hub.add_repo(REPO, {"README.md": b"# a model\n"})
+    commit = hub.add_big_file(REPO, "model-Q4_K_M.gguf", 24 * MiB, seed=1)
+    sha = hub.file_info(REPO, "model-Q4_K_M.gguf").sha256
+    cache = ModelCache(tmp_path / "cache", shared=[])
+    puller = Puller(cache, fast_tuning())
+    model = await puller.pull(parse_ref(REPO))
+    assert [f.path for f in model.files] == ["model-Q4_K_M.gguf"]
+    assert model.commit == commit
+    snapshot = cache.snapshot_path(REPO, commit, "model-Q4_K_M.gguf")
+    assert snapshot.is_symlink()
+    assert snapshot.resolve() == (cache.repo_dir(REPO) / "blobs" / sha).resolve()
+    assert sha256_of(snapshot) == sha
+    assert (cache.repo_dir(REPO) / "refs" / "main").read_text() == commit
+    assert hub.stats.max_concurrent > 1  # really parallel
+    assert not [n for n in files_under(cache.root) if "partial" in n or "parts.json" in n]
+
+
+async def test_a_complete_pull_uses_no_network(hub: FakeHub, tmp_path: Path) -> None:
+    add_big(hub, "model-Q8_0.gguf", 2 * MiB)
+    cache = ModelCache(tmp_path / "cache", shared=[])
+    await Puller(cache, fast_tuning()).pull(parse_ref(f"{REPO}:Q8_0"))
+    before = sum(hub.stats.requests.values())
+    again = await Puller(cache, fast_tuning()).pull(parse_ref(f"{REPO}:Q8_0"))
+    assert sum(hub.stats.requests.values()) == before
+    assert again.files[0].path == "model-Q8_0.gguf"
+
+
+@pytest.mark.parametrize(
+    ("switch", "value", "count_attr"),
+    [
+        ("drop_after_bytes", 300 * 1024, "drops"),
+        ("stall_after_bytes", 300 * 1024, "stalls"),
+        ("fail_5xx", 3, None),
+    ],
+)
+async def test_recovers_from_drops_stalls_and_server_errors(
+    hub: FakeHub, tmp_path: Path, switch: str, value: int, count_attr: str | None
+) -> None:
+    sha = add_big(hub, "model-Q4_K_M.gguf", 8 * MiB, seed=2)
+    setattr(hub.switches, switch, value)
+    if count_attr:
+        setattr(hub.switches, count_attr, 3)
+    puller = Puller(ModelCache(tmp_path / "cache", shared=[]), fast_tuning(stall_timeout=0.5))
+    model = await puller.pull(parse_ref(REPO))
+    assert model.files[0].blob == sha
+    assert sum(c.retries for c in puller.counters) >= 1
+    if switch == "stall_after_bytes":
+        assert sum(c.stalls for c in puller.counters) >= 1
+
+
+async def test_server_without_range_gets_a_single_stream(hub: FakeHub, tmp_path: Path) -> None:
+    sha = add_big(hub, "model-Q4_K_M.gguf", 4 * MiB, seed=3)
+    hub.switches.no_range = True
+    puller = Puller(ModelCache(tmp_path / "cache", shared=[]), fast_tuning())
+    model = await puller.pull(parse_ref(REPO))
+    assert model.files[0].blob == sha
+    assert puller.counters[0].single_stream
+
+
+async def test_corrupted_data_is_rejected_and_deleted(hub: FakeHub, tmp_path: Path) -> None:
+    add_big(hub, "model-Q4_K_M.gguf", 4 * MiB, seed=4)
+    hub.switches.corrupt = True
+    cache = ModelCache(tmp_path / "cache", shared=[])
+    with pytest.raises(ChecksumMismatch, match="does not match the Hub's sha256"):
+        await Puller(cache, fast_tuning()).pull(parse_ref(REPO))
+    blobs = cache.repo_dir(REPO) / "blobs"
+    assert not list(blobs.iterdir())  # no blob, no partial data, no state
+    assert cache.lookup(REPO, REPO) is None
+
+
+@pytest.mark.parametrize(
+    "name", ["../../evil.gguf", "/etc/evil.gguf", "a/../../evil.gguf", "C:\\evil.gguf"]
+)
+async def test_hostile_listings_cannot_write_outside_the_cache(
+    hub: FakeHub, tmp_path: Path, name: str
+) -> None:
+    add_big(hub, "model-Q4_K_M.gguf", 1 * MiB)
+    hub.malicious_listing(REPO, [name])
+    cache = ModelCache(tmp_path / "cache", shared=[])
+    with pytest.raises(BadRequest) as excinfo:
+        await Puller(cache, fast_tuning()).pull(parse_ref(REPO))
+    assert excinfo.value.code == "unsafe_path"
+    assert files_under(tmp_path) <= {p for p in files_under(tmp_path) if p.startswith("cache/")}
+    assert not (tmp_path.parent / "evil.gguf").exists()
+
+
+async def test_huggingface_hub_cache_interop(hub: FakeHub, tmp_path: Path) -> None:
+    from huggingface_hub import hf_hub_download
+
+    sha = add_big(hub, "model-Q4_K_M.gguf", 3 * MiB, seed=5)
+    theirs = tmp_path / "hf-cache"
+    path = await asyncio.to_thread(
+        hf_hub_download, REPO, "model-Q4_K_M.gguf", cache_dir=theirs, endpoint=hub.endpoint
+    )
+    assert sha256_of(Path(path)) == sha
+    cdn_bytes = hub.stats.bytes_sent
+    cache = ModelCache(tmp_path / "ours", shared=[theirs])
+    await Puller(cache, fast_tuning()).pull(parse_ref(REPO))
+    assert hub.stats.bytes_sent == cdn_bytes  # their blob was reused, not downloaded again
+
+    other = ModelCache(tmp_path / "fresh", shared=[])
+    await Puller(other, fast_tuning()).pull(parse_ref(REPO))
+    found = await asyncio.to_thread(
+        hf_hub_download, REPO, "model-Q4_K_M.gguf", cache_dir=other.root, local_files_only=True
+    )
+    assert sha256_of(Path(found)) == sha
+
+
+async def test_budget_evicts_least_recently_used_but_never_protected(
+    hub: FakeHub, tmp_path: Path
+) -> None:
+    for quant in ("Q4_K_M", "Q8_0", "Q6_K"):
+        add_big(hub, f"model-{quant}.gguf", 2 * MiB, seed=len(quant))
+    cache = ModelCache(tmp_path / "cache", shared=[])
+    puller = Puller(cache, fast_tuning())
+    for quant in ("Q4_K_M", "Q8_0", "Q6_K"):
+        await puller.pull(parse_ref(f"{REPO}:{quant}"))
+        await asyncio.sleep(0.01)
+    evicted = cache.enforce_budget(int(4.5 * MiB), protected={f"{REPO}:Q4_K_M"})
+    assert evicted == [f"{REPO}:Q8_0"]  # the oldest, Q4_K_M, is loaded (protected)
+    assert {m.ref for m in cache.models()} == {f"{REPO}:Q4_K_M", f"{REPO}:Q6_K"}
+
+
+async def _cli(*args: str, env: dict[str, str]) -> asyncio.subprocess.Process:
+    return await asyncio.create_subprocess_exec(
+        SERVER_BIN, "models", *args, env={**os.environ, **env},
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+    )  # fmt: skip
+
+
+async def test_resume_after_kill_9_of_the_cli_refetches_little(
+    hub: FakeHub, tmp_path: Path
+) -> None:
+    size = 32 * MiB
+    sha = add_big(hub, "model-Q4_K_M.gguf", size, seed=6)
+    hub.switches.bytes_per_second = MiB / 2  # per connection: 16 connections take ~4 s
+    env = {"HF_ENDPOINT": hub.endpoint, "TABAGENT_MODEL_CACHE_PATH": str(tmp_path / "cache")}
+    proc = await _cli("pull", REPO, env=env)
+    state = tmp_path / "cache" / f"models--{REPO.replace('/', '--')}" / "blobs"
+    state_file = state / f"{sha}.tabagent-parts.json"
+    while True:  # until about half is on disk, by the saved part state
+        await asyncio.sleep(0.05)
+        if state_file.exists():
+            with_state = json.loads(state_file.read_text())
+            if sum(p[2] for p in with_state["parts"]) >= size // 2:
+                break
+        assert proc.returncode is None, "the pull finished before it could be killed"
+    proc.send_signal(signal.SIGKILL)
+    await proc.wait()
+    sent_before = hub.stats.bytes_sent
+    hub.switches.bytes_per_second = None
+    again = await _cli("pull", REPO, env=env)
+    out, err = await again.communicate()
+    assert again.returncode == 0, err.decode()
+    refetched = hub.stats.bytes_sent - sent_before
+    on_disk_at_kill = sum(p[2] for p in with_state["parts"])
+    assert refetched <= size - on_disk_at_kill + size * 0.05
+    assert sha256_of(Path(out.decode().split()[-1])) == sha
+
+
+async def test_cli_list_rm_gc(hub: FakeHub, tmp_path: Path) -> None:
+    add_big(hub, "model-Q4_K_M.gguf", 1 * MiB, seed=7)
+    env = {"HF_ENDPOINT": hub.endpoint, "TABAGENT_MODEL_CACHE_PATH": str(tmp_path / "cache")}
+    pull = await _cli("pull", REPO, env=env)
+    await pull.communicate()
+    assert pull.returncode == 0
+    listing = await _cli("list", "--json", env=env)
+    out, _ = await listing.communicate()
+    rows = json.loads(out)
+    assert [(r["model"], r["size_bytes"]) for r in rows] == [(REPO, 1 * MiB)]
+    stray = tmp_path / "cache" / f"models--{REPO.replace('/', '--')}" / "blobs" / ("0" * 64)
+    stray.write_bytes(b"x" * 100)
+    gc = await _cli("gc", env=env)
+    out, _ = await gc.communicate()
+    assert b"freed 100 B" in out
+    assert not stray.exists()
+    rm = await _cli("rm", REPO, env=env)
+    await rm.communicate()
+    assert rm.returncode == 0
+    listing = await _cli("list", "--json", env=env)
+    out, _ = await listing.communicate()
+    assert json.loads(out) == []
+
+
+async def test_a_write_failure_is_clear_and_leaves_nothing_that_looks_whole(
+    hub: FakeHub, tmp_path: Path
+) -> None:
+    import resource
+
+    add_big(hub, "model-Q4_K_M.gguf", 4 * MiB, seed=8)
+    env = {"HF_ENDPOINT": hub.endpoint, "TABAGENT_MODEL_CACHE_PATH": str(tmp_path / "cache")}
+
+    def small_files() -> None:  # the disk "fills up" at 1 MiB
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (1 * MiB, 1 * MiB))
+
+    proc = await asyncio.create_subprocess_exec(
+        SERVER_BIN, "models", "pull", REPO, env={**os.environ, **env},
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE, preexec_fn=small_files,
+    )  # fmt: skip
+    _, err = await proc.communicate()
+    assert proc.returncode == 1
+    assert b"cannot write" in err or b"disk space" in err
+    blobs = tmp_path / "cache" / f"models--{REPO.replace('/', '--')}" / "blobs"
+    assert not blobs.exists() or not any(blobs.iterdir())
+    assert sys.platform.startswith("linux")
+
+
+async def test_pull_over_http_streams_progress_then_chat_uses_the_model(
+    hub: FakeHub, tmp_path: Path
+) -> None:
+    import aiohttp
+
+    from ml_service.backends.llama import smollm2_path
+    from tests.helpers import running_server
+
+    gguf = await asyncio.to_thread(Path(smollm2_path()).read_bytes)
+    hub.add_repo("test-org/SmolLM2-135M-Instruct-GGUF", {"SmolLM2-135M-Instruct.Q4_1.gguf": gguf})
+    ref = "test-org/SmolLM2-135M-Instruct-GGUF:Q4_1"
+    env = {"HF_ENDPOINT": hub.endpoint, "TABAGENT_MODEL_CACHE_PATH": str(tmp_path / "cache")}
+    with running_server(("--mode", "http"), env=env, log_dir=tmp_path) as server:
+        async with aiohttp.ClientSession(server.base_url) as http:
+            events = []
+            async with http.post("/v1/models/pull", json={"model": ref}) as response:
+                assert response.status == 200
+                async for raw in response.content:
+                    line = raw.decode().strip()
+                    if line.startswith("event: "):
+                        events.append([line[7:], None])
+                    elif line.startswith("data: "):
+                        events[-1][1] = json.loads(line[6:])
+            names = [name for name, _ in events]
+            assert names[0] == "progress"
+            assert names[-1] == "done"
+            done = events[-1][1]
+            assert done["model"]["id"] == ref
+            assert done["model"]["kind"] == "chat"
+            assert done["cached"] is False
+            progress = [data for name, data in events if name == "progress"]
+            assert progress[-1]["total"] == len(gguf)
+
+            async with http.get("/v1/models") as response:
+                ids = [m["id"] for m in (await response.json())["data"]]
+            assert ref in ids
+            chat = {
+                "model": ref,
+                "temperature": 0,
+                "max_tokens": 20,
+                "messages": [
+                    {"role": "system", "content": "You are a helpful assistant. Answer concisely."},
+                    {"role": "user", "content": "What is the capital of France?"},
+                ],
+            }
+            async with http.post("/v1/chat/completions", json=chat) as response:
+                reply = await response.json()
+            assert response.status == 200, reply
+            assert "Paris" in reply["choices"][0]["message"]["content"]
+            assert reply["model"] == ref
+
+            async with http.post("/v1/models/pull", json={"model": "../etc/passwd"}) as response:
+                assert response.status == 400
+                assert (await response.json())["error"]["code"] == "bad_model_ref"
