@@ -44,6 +44,7 @@ if TYPE_CHECKING:
 
     from tabagent.ml.orchestrator import ModelSpec
     from tabagent.ml.services import MLServices
+    from tabagent.models.downloader import Counters
     from tabagent.models.service import ModelService
 
 log = logging.getLogger(__name__)
@@ -89,15 +90,20 @@ def _total_ram_bytes() -> int:
         return 8 << 30
 
 
-def build_models(settings: Settings) -> ModelService:
+def build_models(settings: Settings, metrics: Metrics) -> ModelService:
     """The model cache (Hugging Face layout) and the puller that fills it."""
     from tabagent.models.cache import ModelCache
     from tabagent.models.pull import Puller
     from tabagent.models.service import ModelService
 
+    def observe(c: Counters) -> None:
+        metrics.observe_download(c.bytes_fetched, c.retries, c.seconds)
+
     cache = ModelCache(settings.model_cache_path)
     return ModelService(
-        cache=cache, puller=Puller(cache), budget_bytes=settings.cache_budget_mb << 20
+        cache=cache,
+        puller=Puller(cache, on_file=observe),
+        budget_bytes=settings.cache_budget_mb << 20,
     )
 
 
@@ -204,7 +210,7 @@ def build_app(
     app[STATE] = state
     app[OPENAPI] = build_openapi(registry)
     app.on_response_prepare.append(on_response_prepare)
-    state.models = build_models(settings)
+    state.models = build_models(settings, state.metrics)
     if settings.ml_worker:
         state.ml = build_ml(settings, state, state.metrics.registry)
         app.cleanup_ctx.append(_ml_component(state.ml))

@@ -31,6 +31,27 @@ class Metrics:
             registry=self.registry,
         )
 
+        self.download_bytes = Counter(
+            "tabagent_download_bytes", "Bytes downloaded from the Hub.", registry=self.registry
+        )
+        self.download_retries = Counter(
+            "tabagent_download_retries",
+            "Download requests retried (errors, stalls, dropped connections).",
+            registry=self.registry,
+        )
+        self.download_speed = Histogram(
+            "tabagent_download_speed_bytes_per_second",
+            "Speed of each file download (verification included).",
+            buckets=(1e5, 1e6, 5e6, 1e7, 2.5e7, 5e7, 1e8, 2.5e8, 5e8, 1e9, 2e9),
+            registry=self.registry,
+        )
+
+    def observe_download(self, fetched: int, retries: int, seconds: float) -> None:
+        self.download_bytes.inc(fetched)
+        self.download_retries.inc(retries)
+        if seconds > 0 and fetched:
+            self.download_speed.observe(fetched / seconds)
+
     def observe_http(self, route: str, method: str, status: int, seconds: float) -> None:
         self.http_requests.labels(route, method, str(status)).inc()
         self.http_latency.labels(route, method).observe(seconds)

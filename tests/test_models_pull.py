@@ -309,6 +309,15 @@ async def test_pull_over_http_streams_progress_then_chat_uses_the_model(
             async with http.get("/v1/models") as response:
                 ids = [m["id"] for m in (await response.json())["data"]]
             assert ref in ids
+            async with http.get("/metrics") as response:
+                metrics = await response.text()
+            fetched = next(
+                line.split()[1]
+                for line in metrics.splitlines()
+                if line.startswith("tabagent_download_bytes_total ")
+            )
+            assert float(fetched) == len(gguf)
+            assert "tabagent_download_speed_bytes_per_second_count 1.0" in metrics
             chat = {
                 "model": ref,
                 "temperature": 0,

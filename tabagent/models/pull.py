@@ -127,10 +127,16 @@ def _git_blob_sha1(path: Path) -> str:
 class Puller:
     """Pulls references into a :class:`ModelCache`; one instance per server or CLI run."""
 
-    def __init__(self, cache: ModelCache, tuning: Tuning | None = None) -> None:
+    def __init__(
+        self,
+        cache: ModelCache,
+        tuning: Tuning | None = None,
+        on_file: Callable[[Counters], None] = lambda counters: None,
+    ) -> None:
         self.cache = cache
         self.tuning = tuning or Tuning()
         self.counters: list[Counters] = []
+        self._on_file = on_file
 
     async def pull(
         self, ref: ModelRef, on_event: EventFn | None = None, refresh: bool = False
@@ -180,6 +186,7 @@ class Puller:
                         progress=progress_for(path),
                     )  # fmt: skip
                     self.counters.append(counters)
+                    self._on_file(counters)
                     if sha256 is None and blob_id:
                         await _check_git_blob(dest, blob_id, path)
                 done[path] = size
