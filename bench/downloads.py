@@ -1,0 +1,140 @@
+"""Downloads: TabAgent's parallel downloader vs ``huggingface_hub.hf_hub_download``.
+
+The same fake Hub (the test suite's, in its own process), the same file, one run:
+
+* (a) loopback, no bandwidth cap — MB/s, ours including sha256 verification (hf_hub_download
+  does not verify the sha256 at all);
+* (b) a 20 MB/s cap per connection, as many CDNs and ISPs apply — MB/s and the ratio;
+* (c) ``tabagent-server models pull`` killed with SIGKILL at about 50%, then run again — the
+  bytes sent twice by the server, as a share of the file.
+
+Targets (issue 4): (a) ours >= 1.0x and >= 500 MB/s; (b) ours >= 4x; (c) <= 5% re-fetched.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from pathlib import Path
+
+from bench.hub_server import FILE, REPO
+
+MB = 1_000_000
+CAP = 20 * MB
+
+
+class Hub:
+    def __init__(self, size_mib: int) -> None:
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "bench.hub_server", "--size-mib", str(size_mib)],
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+        assert self.proc.stdout is not None
+        ready = self.proc.stdout.readline().split()
+        if not ready or ready[0] != "READY":
+            raise RuntimeError("the fake hub did not start")
+        self.endpoint, self.control = ready[1], ready[2]
+
+    def bytes_sent(self) -> int:
+        with urllib.request.urlopen(f"{self.control}/stats", timeout=10) as response:
+            return int(json.load(response)["bytes_sent"])
+
+    def cap(self, bytes_per_second: float | None) -> None:
+        body = json.dumps({"bytes_per_second": bytes_per_second}).encode()
+        request = urllib.request.Request(f"{self.control}/switches", data=body, method="POST")
+        with urllib.request.urlopen(request, timeout=10):
+            pass
+
+    def close(self) -> None:
+        self.proc.send_signal(signal.SIGTERM)
+        self.proc.wait(timeout=30)
+
+
+def ours(endpoint: str, root: Path) -> float:
+    os.environ["HF_ENDPOINT"] = endpoint
+    from tabagent.models.cache import ModelCache
+    from tabagent.models.pull import Puller
+    from tabagent.models.refs import parse_ref
+
+    start = time.perf_counter()
+    asyncio.run(Puller(ModelCache(root, shared=[])).pull(parse_ref(f"{REPO}/{FILE}")))
+    return time.perf_counter() - start
+
+
+def theirs(endpoint: str, root: Path) -> float:
+    from huggingface_hub import hf_hub_download
+
+    start = time.perf_counter()
+    hf_hub_download(REPO, FILE, cache_dir=root, endpoint=endpoint)
+    return time.perf_counter() - start
+
+
+def resume_after_kill(hub: Hub, size: int, root: Path) -> tuple[float, float]:
+    """Kill the CLI at ~50% (by its saved part state), pull again; returns (at kill, re-fetched)."""
+    env = {**os.environ, "HF_ENDPOINT": hub.endpoint, "TABAGENT_MODEL_CACHE_PATH": str(root)}
+    server = os.path.join(os.path.dirname(sys.executable), "tabagent-server")
+    sent_before = hub.bytes_sent()
+    first = subprocess.Popen([server, "models", "pull", f"{REPO}/{FILE}"], env=env,
+                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
+    blobs = root / "models--bench--big" / "blobs"
+    at_kill = 0.0
+    while first.poll() is None:
+        states = list(blobs.glob("*.tabagent-parts.json")) if blobs.is_dir() else []
+        if states:
+            try:
+                parts = json.loads(states[0].read_text())["parts"]
+            except (OSError, ValueError):
+                continue
+            at_kill = sum(p[2] for p in parts) / size
+            if at_kill >= 0.5:
+                first.send_signal(signal.SIGKILL)
+                break
+        time.sleep(0.02)
+    first.wait()
+    subprocess.run([server, "models", "pull", f"{REPO}/{FILE}"], env=env, check=True,
+                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
+    refetched = hub.bytes_sent() - sent_before - size
+    return at_kill, refetched / size
+
+
+def run(args: argparse.Namespace) -> None:
+    size_mib = 64 if args.quick else 256
+    size = size_mib * 1024 * 1024
+    hub = Hub(size_mib)
+    work = Path(tempfile.mkdtemp(prefix="tabagent-bench-dl-"))
+    try:
+        results = {}
+        for label, cap in (("loopback, no cap", None), ("20 MB/s per connection", CAP)):
+            hub.cap(cap)
+            a = ours(hub.endpoint, work / f"ours-{cap}")
+            b = theirs(hub.endpoint, work / f"theirs-{cap}")
+            results[label] = (size / a / MB, size / b / MB)
+        hub.cap(CAP)
+        at_kill, refetched = resume_after_kill(hub, size, work / "resume")
+    finally:
+        hub.close()
+    print(f"\nDownloads from the fake Hub, one {size_mib} MiB file, one run")
+    print(f"{'link':26} {'TabAgent MB/s':>14} {'hf_hub_download MB/s':>21} {'ratio':>7}")
+    for label, (mine, hf) in results.items():
+        print(f"{label:26} {mine:14.0f} {hf:21.0f} {mine / hf:6.1f}x")
+    print(f"resume: killed at {at_kill:.0%}, re-fetched {refetched:.1%} of the file")
+    mine, hf = results["loopback, no cap"]
+    capped, capped_hf = results["20 MB/s per connection"]
+    checks = [
+        (f"(a) >= 1.0x hf_hub_download on loopback (is {mine / hf:.2f}x)", mine >= hf),
+        (f"(a) >= 500 MB/s with verification (is {mine:.0f} MB/s)", mine >= 500),
+        (f"(b) >= 4x at 20 MB/s per connection (is {capped / capped_hf:.1f}x)",
+         capped >= 4 * capped_hf),
+        (f"(c) <= 5% re-fetched after a kill at ~50% (is {refetched:.1%})", refetched <= 0.05),
+    ]  # fmt: skip
+    for text, ok in checks:
+        print(f"{'PASS' if ok else 'FAIL'}  {text}")
