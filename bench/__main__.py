@@ -8,14 +8,17 @@ from __future__ import annotations
 import argparse
 import importlib
 import sys
+import traceback
 
 # name -> (module, what it compares)
 BENCHMARKS = {
+    "http": ("bench.http_overhead", "API overhead: /v1/health and a JSON POST vs bare aiohttp"),
     "chat": (
         "bench.chat",
         "streaming chat: HTTP vs llama-cpp-python in-process vs llama_cpp.server",
     ),
     "grpc": ("bench.grpc_rtt", "unary gRPC round trip main <-> ML worker"),
+    "downloads": ("bench.downloads", "model downloads: ours vs hf_hub_download, resume after kill"),
     "embeddings": ("bench.embeddings", "embeddings sentences/s: HTTP vs onnxruntime direct"),
 }
 
@@ -33,10 +36,19 @@ def main(argv: list[str] | None = None) -> int:
     unknown = [n for n in names if n not in BENCHMARKS]
     if unknown:
         parser.error(f"unknown benchmark(s): {', '.join(unknown)}")
+    failed = []
     for name in names:
-        module = importlib.import_module(BENCHMARKS[name][0])
-        module.run(args)
-    return 0
+        # One broken benchmark (a missing model, a port in use) must not hide the others' tables.
+        try:
+            module = importlib.import_module(BENCHMARKS[name][0])
+            module.run(args)
+        except Exception as exc:
+            failed.append(name)
+            traceback.print_exc()
+            print(f"\n{name}: FAILED: {type(exc).__name__}: {exc}", file=sys.stderr)
+    if failed:
+        print(f"\nfailed: {', '.join(failed)}", file=sys.stderr)
+    return 1 if failed else 0
 
 
 if __name__ == "__main__":

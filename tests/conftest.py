@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 
@@ -12,26 +11,12 @@ from aiohttp.test_utils import TestClient
 
 from tabagent.app import build_app
 from tabagent.config import Settings, resolve
-
-_ISOLATED_VARS = ("XDG_DATA_HOME", "XDG_CONFIG_HOME", "XDG_CACHE_HOME", "XDG_STATE_HOME")
+from tests.helpers import isolate
 
 
 @pytest.fixture(autouse=True)
 def isolated_home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    home = tmp_path / "home"
-    home.mkdir()
-    monkeypatch.setenv("HOME", str(home))
-    for var in _ISOLATED_VARS:
-        monkeypatch.setenv(var, str(home / var.lower()))
-    runtime = tmp_path / "run"
-    runtime.mkdir(mode=0o700)
-    monkeypatch.setenv("XDG_RUNTIME_DIR", str(runtime))
-    monkeypatch.setenv("HF_HOME", str(home / "hf"))
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    for name in list(os.environ):
-        if name.startswith("TABAGENT_"):
-            monkeypatch.delenv(name)
-    return home
+    return isolate(monkeypatch, tmp_path / "home")
 
 
 @pytest.fixture

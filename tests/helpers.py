@@ -17,9 +17,34 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
+import pytest
+
 SERVER_BIN = (
     shutil.which("tabagent-server", path=str(Path(sys.executable).parent)) or "tabagent-server"
 )
+
+
+_XDG_VARS = ("XDG_DATA_HOME", "XDG_CONFIG_HOME", "XDG_CACHE_HOME", "XDG_STATE_HOME")
+
+
+def isolate(mp: pytest.MonkeyPatch, home: Path) -> Path:
+    """Point HOME, the XDG folders and the Hugging Face cache at ``home``; forget TABAGENT_*.
+
+    Tests never touch the user's real data; a test (or a module's server) gets its own folders.
+    """
+    home.mkdir(parents=True, exist_ok=True)
+    mp.setenv("HOME", str(home))
+    for var in _XDG_VARS:
+        mp.setenv(var, str(home / var.lower()))
+    runtime = home / "run"
+    runtime.mkdir(mode=0o700, exist_ok=True)
+    mp.setenv("XDG_RUNTIME_DIR", str(runtime))
+    mp.setenv("HF_HOME", str(home / "hf"))
+    mp.setenv("HF_HUB_OFFLINE", "1")
+    for name in list(os.environ):
+        if name.startswith("TABAGENT_"):
+            mp.delenv(name)
+    return home
 
 
 def free_port() -> int:

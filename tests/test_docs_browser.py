@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
 from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -20,7 +19,7 @@ from urllib.parse import urlsplit
 import pytest
 
 from tests.browser import DEBIAN_PACKAGES, Page, chromium, chromium_binary, off_host
-from tests.helpers import RunningServer, http_get, running_server
+from tests.helpers import RunningServer, http_get, isolate, running_server
 
 pytestmark = pytest.mark.browser
 
@@ -32,7 +31,6 @@ KNOWN = {
     "system.set_log_level": ("post", "/v1/system/log-level"),
 }
 _HTTP_METHODS = {"get", "put", "post", "delete", "options", "head", "patch", "trace"}
-_XDG = ("XDG_DATA_HOME", "XDG_CONFIG_HOME", "XDG_CACHE_HOME", "XDG_STATE_HOME")
 
 Op = tuple[str, str, str]  # method, path, summary
 
@@ -82,17 +80,7 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningServer]:
     """One server for the module, in its own HOME (``isolated_home`` is per test)."""
     home = tmp_path_factory.mktemp("docs-browser-home")
     with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("HOME", str(home))
-        for var in _XDG:
-            mp.setenv(var, str(home / var.lower()))
-        runtime = home / "run"
-        runtime.mkdir(mode=0o700)
-        mp.setenv("XDG_RUNTIME_DIR", str(runtime))
-        mp.setenv("HF_HOME", str(home / "hf"))
-        mp.setenv("HF_HUB_OFFLINE", "1")
-        for name in list(os.environ):
-            if name.startswith("TABAGENT_"):
-                mp.delenv(name)
+        isolate(mp, home)
         with running_server(log_dir=home) as running:
             yield running
 

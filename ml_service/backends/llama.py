@@ -110,27 +110,24 @@ class LlamaModel:
     ) -> None:
         if not os.path.isfile(path):
             raise FileNotFoundError(f"no GGUF file at {path}")
-        probe_ctx = n_ctx or DEFAULT_MAX_CONTEXT
-        self.llm = llama_cpp.Llama(
-            model_path=path,
-            n_ctx=probe_ctx,
-            n_threads=n_threads or physical_cores(),
-            n_batch=n_batch or 512,
-            n_gpu_layers=n_gpu_layers,
-            verbose=False,
-        )
-        trained = int(self.llm.metadata.get("llama.context_length", 0) or 0) or probe_ctx
-        if not n_ctx and trained < probe_ctx:
-            # the model was trained on less than our default: do not pretend it can use more
-            self.llm.close()
-            self.llm = llama_cpp.Llama(
+
+        def open_model(context: int) -> llama_cpp.Llama:
+            return llama_cpp.Llama(
                 model_path=path,
-                n_ctx=trained,
+                n_ctx=context,
                 n_threads=n_threads or physical_cores(),
                 n_batch=n_batch or 512,
                 n_gpu_layers=n_gpu_layers,
                 verbose=False,
             )
+
+        probe_ctx = n_ctx or DEFAULT_MAX_CONTEXT
+        self.llm = open_model(probe_ctx)
+        trained = int(self.llm.metadata.get("llama.context_length", 0) or 0) or probe_ctx
+        if not n_ctx and trained < probe_ctx:
+            # the model was trained on less than our default: do not pretend it can use more
+            self.llm.close()
+            self.llm = open_model(trained)
         self.path = path
         self.context_length = self.llm.n_ctx()
         template = chat_template or self.llm.metadata.get("tokenizer.chat_template", "")
