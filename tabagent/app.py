@@ -23,12 +23,7 @@ from aiohttp import web
 from tabagent import __version__
 from tabagent.api.docs import ASSETS_PREFIX, add_docs_routes, add_web_ui
 from tabagent.api.keys import OPENAPI, STATE
-from tabagent.api.middleware import (
-    SecurityPolicy,
-    context_middleware,
-    on_response_prepare,
-    security_middleware,
-)
+from tabagent.api.middleware import SecurityPolicy, gateway
 from tabagent.api.openai import mount_custom
 from tabagent.api.openapi import build_openapi
 from tabagent.api.routes import mount_operations
@@ -204,12 +199,11 @@ def build_app(
         public_prefixes=(ASSETS_PREFIX,),
     )
     app = web.Application(
-        middlewares=[context_middleware, security_middleware(policy)],
+        middlewares=[gateway(policy)],
         client_max_size=settings.max_body_bytes,
     )
     app[STATE] = state
     app[OPENAPI] = build_openapi(registry)
-    app.on_response_prepare.append(on_response_prepare)
     state.models = build_models(settings, state.metrics)
     if settings.ml_worker:
         state.ml = build_ml(settings, state, state.metrics.registry)

@@ -59,6 +59,7 @@ async def test_log_lines_carry_the_request_id(
     client: TestClient[web.Request, web.Application], caplog: pytest.LogCaptureFixture
 ) -> None:
     caplog.handler.addFilter(RequestIdFilter())
+    logging.getLogger().setLevel(logging.ERROR)  # so that the request below changes it
     with caplog.at_level(logging.INFO, logger="tabagent.ops.system"):
         await client.post(
             "/v1/system/log-level", json={"level": "INFO"}, headers={"X-Request-Id": "trace-7"}

@@ -17,6 +17,7 @@ A local server is reachable by every web page the user opens, so before any hand
 from __future__ import annotations
 
 import hmac
+import itertools
 import logging
 import re
 import secrets
@@ -78,47 +79,6 @@ def _from_http_exception(request: web.Request, exc: web.HTTPException) -> TabAge
     return err
 
 
-@web.middleware
-async def context_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
-    """Outermost: request id, timing, metrics, and every error turned into JSON."""
-    start = time.perf_counter()
-    incoming = request.headers.get(REQUEST_ID_HEADER)
-    request_id = (
-        incoming if incoming and _REQUEST_ID_RE.fullmatch(incoming) else secrets.token_hex(8)
-    )
-    request[REQUEST_ID] = request_id
-    token = request_id_var.set(request_id)
-    try:
-        try:
-            response = await handler(request)
-        except TabAgentError as exc:
-            response = error_response(exc)
-        except web.HTTPException as exc:
-            if exc.status < 400:
-                raise
-            response = error_response(_from_http_exception(request, exc))
-        except Exception:
-            log.exception("unhandled error in %s %s", request.method, request.path)
-            response = error_response(
-                TabAgentError(f"internal server error (request id {request_id})")
-            )
-        elapsed = time.perf_counter() - start
-        resource = request.match_info.route.resource
-        route = resource.canonical if resource is not None else "unmatched"
-        request.app[STATE].metrics.observe_http(route, request.method, response.status, elapsed)
-        if log.isEnabledFor(logging.DEBUG):
-            log.debug(
-                "%s %s -> %d in %.1f ms",
-                request.method,
-                request.path,
-                response.status,
-                elapsed * 1000,
-            )
-        return response
-    finally:
-        request_id_var.reset(token)
-
-
 def _host_name(header: str) -> str:
     """``[::1]:3000`` → ``::1``; ``LocalHost.:80`` → ``localhost``."""
     header = header.strip().lower()
@@ -145,6 +105,7 @@ class SecurityPolicy:
         public_prefixes: tuple[str, ...] = (),
     ) -> None:
         self.public_prefixes = public_prefixes  # static files (docs assets) have no handler to mark
+        self.seen_hosts: set[str] = set()  # Host headers already checked and allowed
         hosts = set(_LOOPBACK_HOSTS) | {h.lower().strip("[]").rstrip(".") for h in allowed_hosts}
         if bind_host not in _WILDCARD_BINDS:
             hosts.add(bind_host.lower().strip("[]"))
@@ -184,10 +145,10 @@ def _preflight(request: web.Request, origin: str) -> web.Response:
     )
 
 
-def security_middleware(policy: SecurityPolicy) -> Middleware:
-    @web.middleware
-    async def security(request: web.Request, handler: Handler) -> web.StreamResponse:
-        host_header = request.headers.get("Host", "")
+def _check_access(policy: SecurityPolicy, request: web.Request) -> web.Response | None:
+    """Host, Origin and API key checks; a CORS preflight answer, or None to go on."""
+    host_header = request.headers.get("Host", "")
+    if host_header not in policy.seen_hosts:  # parse each distinct Host header once
         host = _host_name(host_header)
         if not host or host not in policy.allowed_hosts:
             raise Forbidden(
@@ -195,46 +156,89 @@ def security_middleware(policy: SecurityPolicy) -> Middleware:
                 "(DNS-rebinding protection)",
                 code="host_not_allowed",
             )
-        origin = request.headers.get("Origin")
-        if origin is not None:
-            if policy.origin_allowed(origin):
-                request[CORS_ORIGIN] = origin
-                if (
-                    request.method == "OPTIONS"
-                    and "Access-Control-Request-Method" in request.headers
-                ):
-                    return _preflight(request, origin)
-            elif origin not in (f"http://{host_header}", f"https://{host_header}"):
-                raise Forbidden(
-                    f"Origin {origin!r} is not allowed; add it with --allowed-origins "
-                    "or --extension-ids",
-                    code="origin_not_allowed",
-                )
+        if len(policy.seen_hosts) < 64:
+            policy.seen_hosts.add(host_header)
+    origin = request.headers.get("Origin")
+    if origin is not None:
+        if policy.origin_allowed(origin):
+            request[CORS_ORIGIN] = origin
+            if request.method == "OPTIONS" and "Access-Control-Request-Method" in request.headers:
+                return _preflight(request, origin)
+        elif origin not in (f"http://{host_header}", f"https://{host_header}"):
+            raise Forbidden(
+                f"Origin {origin!r} is not allowed; add it with --allowed-origins "
+                "or --extension-ids",
+                code="origin_not_allowed",
+            )
+    if policy.requires_key:
         public = getattr(request.match_info.handler, "tabagent_public", False) or (
             request.path.startswith(policy.public_prefixes)
         )
-        if (
-            policy.requires_key
-            and not public
-            and not policy.key_ok(request.headers.get("Authorization"))
-        ):
+        if not public and not policy.key_ok(request.headers.get("Authorization")):
             raise Unauthorized(
                 "missing or wrong API key: send 'Authorization: Bearer <key>'",
                 headers={"WWW-Authenticate": "Bearer"},
             )
-        return await handler(request)
-
-    return security
+    return None
 
 
-async def on_response_prepare(request: web.Request, response: web.StreamResponse) -> None:
-    """Headers every response carries, streams included (they are sent before the body)."""
-    request_id = request.get(REQUEST_ID)
-    if request_id is not None:
-        response.headers[REQUEST_ID_HEADER] = request_id
+def gateway(policy: SecurityPolicy) -> Middleware:
+    """The one middleware: request id, access checks, every error as JSON, headers, metrics.
+
+    One layer rather than several: each aiohttp middleware costs an extra await per request.
+    """
+    next_id = itertools.count(1)
+    prefix = secrets.token_hex(4)  # distinct ids across restarts; a counter within one run
+
+    @web.middleware
+    async def middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+        start = time.perf_counter()
+        incoming = request.headers.get(REQUEST_ID_HEADER)
+        if incoming and _REQUEST_ID_RE.fullmatch(incoming):
+            request_id = incoming
+        else:
+            request_id = f"{prefix}{next(next_id):08x}"
+        request[REQUEST_ID] = request_id
+        token = request_id_var.set(request_id)
+        try:
+            try:
+                preflight = _check_access(policy, request)
+                response = preflight if preflight is not None else await handler(request)
+            except TabAgentError as exc:
+                response = error_response(exc)
+            except web.HTTPException as exc:
+                if exc.status < 400:
+                    raise
+                response = error_response(_from_http_exception(request, exc))
+            except Exception:
+                log.exception("unhandled error in %s %s", request.method, request.path)
+                response = error_response(
+                    TabAgentError(f"internal server error (request id {request_id})")
+                )
+            if not response.prepared:  # streams set these before they start
+                response.headers.update(common_headers(request))
+            elapsed = time.perf_counter() - start
+            resource = request.match_info.route.resource
+            route = resource.canonical if resource is not None else "unmatched"
+            request.app[STATE].metrics.observe_http(route, request.method, response.status, elapsed)
+            if log.isEnabledFor(logging.DEBUG):
+                log.debug(
+                    "%s %s -> %d in %.1f ms",
+                    request.method, request.path, response.status, elapsed * 1000,
+                )  # fmt: skip
+            return response
+        finally:
+            request_id_var.reset(token)
+
+    return middleware
+
+
+def common_headers(request: web.Request) -> dict[str, str]:
+    """Headers every response carries: its request id, and CORS for an allowed origin."""
+    headers = {REQUEST_ID_HEADER: request[REQUEST_ID], "X-Content-Type-Options": "nosniff"}
     origin = request.get(CORS_ORIGIN)
-    if origin is not None and "Access-Control-Allow-Origin" not in response.headers:
-        response.headers["Access-Control-Allow-Origin"] = origin
-        response.headers["Access-Control-Expose-Headers"] = _CORS_EXPOSE_HEADERS
-        response.headers["Vary"] = "Origin"
-    response.headers.setdefault("X-Content-Type-Options", "nosniff")
+    if origin is not None:
+        headers["Access-Control-Allow-Origin"] = origin
+        headers["Access-Control-Expose-Headers"] = _CORS_EXPOSE_HEADERS
+        headers["Vary"] = "Origin"
+    return headers

@@ -20,7 +20,7 @@ from aiohttp import BodyPartReader, web
 from pydantic import BaseModel
 
 from tabagent.api.keys import REQUEST_ID, STATE
-from tabagent.api.routes import read_json_object, started
+from tabagent.api.routes import read_json_object, sse_headers, started
 from tabagent.errors import BadRequest, PayloadTooLarge, TabAgentError
 from tabagent.ops.chat import Delta, Finished, SamplingFields
 from tabagent.ops.registry import OpContext, Operation, Registry
@@ -67,13 +67,7 @@ def _sse(payload: dict[str, Any] | str) -> bytes:
 async def _stream(
     request: web.Request, shape: _Shape, events: AsyncIterator[BaseModel], parsed: SamplingFields
 ) -> web.StreamResponse:
-    response = web.StreamResponse(
-        headers={
-            "Content-Type": "text/event-stream",
-            "Cache-Control": "no-cache",
-            "X-Accel-Buffering": "no",
-        }
-    )
+    response = web.StreamResponse(headers=sse_headers(request))
     ident, created = shape.prefix + secrets.token_hex(12), int(time.time())
     include_usage = bool((parsed.stream_options or {}).get("include_usage"))
     first = True

@@ -18,13 +18,14 @@ from aiohttp.typedefs import Handler
 from pydantic import BaseModel
 
 from tabagent.api.keys import REQUEST_ID, STATE
-from tabagent.api.middleware import mark_public
+from tabagent.api.middleware import common_headers, mark_public
 from tabagent.errors import BadRequest, InvalidJSON, PayloadTooLarge, TabAgentError
 from tabagent.ops.registry import Done, OpContext, Operation, Registry, event_name
 
 log = logging.getLogger(__name__)
 
 _BODY_METHODS = frozenset({"POST", "PUT", "PATCH"})
+_JSON = {"Content-Type": "application/json"}
 
 
 async def read_json_object(request: web.Request, limit: int) -> dict[str, Any]:
@@ -55,6 +56,16 @@ def _merge(base: dict[str, Any], path_params: Mapping[str, str]) -> dict[str, An
     return base
 
 
+def sse_headers(request: web.Request) -> dict[str, str]:
+    """Headers of a Server-Sent Events stream (sent before the middleware sees the response)."""
+    return {
+        "Content-Type": "text/event-stream",
+        "Cache-Control": "no-cache",
+        "X-Accel-Buffering": "no",
+        **common_headers(request),
+    }
+
+
 def sse_block(event: str, payload: str) -> bytes:
     return f"event: {event}\ndata: {payload}\n\n".encode()
 
@@ -63,22 +74,26 @@ def _handler(op: Operation, max_body: int) -> Handler:
     assert op.http is not None
     status = op.http.status
     takes_body = op.http.method in _BODY_METHODS
+    # operations without parameters (health, say) skip validation unless a client sends some
+    no_params = not op.request_model.model_fields and "{" not in op.http.path
+    empty = op.request_model() if no_params else None
 
     async def handle(request: web.Request) -> web.StreamResponse:
-        if takes_body:
-            params = await read_json_object(request, max_body)
+        if empty is not None and not takes_body and not request.query:
+            parsed = empty
         else:
-            params = dict(request.query)
-        if request.match_info:
-            params = _merge(params, request.match_info)
-        parsed = op.parse(params)
+            if takes_body:
+                params = await read_json_object(request, max_body)
+            else:
+                params = dict(request.query)
+            if request.match_info:
+                params = _merge(params, request.match_info)
+            parsed = op.parse(params)
         ctx = OpContext(state=request.app[STATE], request_id=request[REQUEST_ID], transport="http")
         if not op.streaming:
             result = await op.call(ctx, parsed)
             return web.Response(
-                body=result.model_dump_json().encode(),
-                status=status,
-                content_type="application/json",
+                body=result.__pydantic_serializer__.to_json(result), status=status, headers=_JSON
             )
         return await stream_sse(request, op, ctx, parsed)
 
@@ -115,14 +130,8 @@ async def _chain(
 async def stream_sse(
     request: web.Request, op: Operation, ctx: OpContext, parsed: BaseModel
 ) -> web.StreamResponse:
-    response = web.StreamResponse(
-        headers={
-            "Content-Type": "text/event-stream",
-            "Cache-Control": "no-cache",
-            "X-Accel-Buffering": "no",
-        }
-    )
     events = await started(op.stream(ctx, parsed))
+    response = web.StreamResponse(headers=sse_headers(request))
     await response.prepare(request)
     finished = False
     try:

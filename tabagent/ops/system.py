@@ -140,6 +140,7 @@ async def set_log_level(ctx: OpContext, req: LogLevelRequest) -> LogLevelRespons
     """Change the server's log level without a restart (e.g. DEBUG while reporting a bug)."""
     root = logging.getLogger()
     previous = logging.getLevelName(root.level)
-    root.setLevel(req.level)
-    logging.getLogger(__name__).info("log level %s -> %s", previous, req.level)
+    if previous != req.level:  # setLevel clears every logger's cache, so only on a change
+        root.setLevel(req.level)
+        logging.getLogger(__name__).info("log level %s -> %s", previous, req.level)
     return LogLevelResponse(level=req.level, previous=previous)
