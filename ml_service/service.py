@@ -134,12 +134,12 @@ class MLService(pb_grpc.MLInferenceServicer):
                 "has_chat_template": model.has_chat_template,
             }
         if request.backend == pb.ONNX_EMBEDDING:
-            from ml_service.backends.onnx_embed import OnnxEmbedder, ensure_onnx
+            from ml_service.backends.onnx_embed import OnnxEmbedder
 
             model_dir = Path(request.path)
             if not model_dir.is_dir():
                 raise FileNotFoundError(f"no model folder at {model_dir}")
-            onnx_path = ensure_onnx(model_dir, self.cache_dir / "onnx")
+            onnx_path = _onnx_file(model_dir, self.cache_dir / "onnx")
             embedder = OnnxEmbedder(
                 model_dir,
                 onnx_path,
@@ -373,6 +373,22 @@ class MLService(pb_grpc.MLInferenceServicer):
             if close is not None:
                 await asyncio.to_thread(close)
         self.models.clear()
+
+
+def _onnx_file(model_dir: Path, cache_dir: Path) -> Path:
+    """The ONNX graph of an embedding model: converted once from its safetensors (the embedded
+    default), or the one a pulled repo ships (``onnx/model.onnx``, the plainest first)."""
+    from ml_service.backends.onnx_embed import ensure_onnx
+
+    if (model_dir / "model.safetensors").is_file():
+        return ensure_onnx(model_dir, cache_dir)
+    shipped = sorted(
+        model_dir.rglob("*.onnx"),
+        key=lambda p: (len(p.relative_to(model_dir).parts), "quant" in p.name, p.name),
+    )
+    if not shipped:
+        raise FileNotFoundError(f"{model_dir} has neither model.safetensors nor an .onnx file")
+    return shipped[0]
 
 
 def _sampling(s: pb.Sampling) -> SamplingParams:

@@ -336,3 +336,41 @@ async def test_pull_over_http_streams_progress_then_chat_uses_the_model(
             async with http.post("/v1/models/pull", json={"model": "../etc/passwd"}) as response:
                 assert response.status == 400
                 assert (await response.json())["error"]["code"] == "bad_model_ref"
+
+
+async def test_a_pulled_onnx_embedding_model_serves_embeddings(
+    hub: FakeHub, tmp_path: Path
+) -> None:
+    """Publish our own ONNX export of MiniLM on the fake Hub, pull it, and compare its vectors
+    with the built-in model's: the same weights must give the same embeddings."""
+    import aiohttp
+    import numpy as np
+
+    from ml_service.backends.onnx_embed import ensure_onnx
+    from tabagent.ml.orchestrator import embedded_models
+    from tests.helpers import running_server
+
+    folder = Path(next(s.path for s in embedded_models() if s.kind == "embedding"))
+    onnx = await asyncio.to_thread(ensure_onnx, folder, tmp_path / "export")
+    names = ["config.json", "tokenizer.json", "modules.json", "1_Pooling/config.json"]
+    files = {name: (folder / name).read_bytes() for name in names}
+    files["onnx/model.onnx"] = await asyncio.to_thread(onnx.read_bytes)
+    files["README.md"] = b"an ONNX export\n"
+    hub.add_repo("test-org/minilm-onnx", files)
+    env = {"HF_ENDPOINT": hub.endpoint, "TABAGENT_MODEL_CACHE_PATH": str(tmp_path / "cache")}
+    with running_server(("--mode", "http"), env=env, log_dir=tmp_path) as server:
+        async with aiohttp.ClientSession(server.base_url) as http:
+            async with http.post("/v1/models/pull", json={"model": "test-org/minilm-onnx"}) as r:
+                body = await r.text()
+            assert r.status == 200
+            assert '"kind":"embedding"' in body.replace(" ", "")
+            texts = ["My dog's name is Rex", "The stock market fell today"]
+            vectors = {}
+            for model in ("test-org/minilm-onnx", "all-minilm-l6-v2"):
+                async with http.post("/v1/embeddings", json={"model": model, "input": texts}) as r:
+                    reply = await r.json()
+                assert r.status == 200, reply
+                vectors[model] = np.array([d["embedding"] for d in reply["data"]])
+    np.testing.assert_allclose(
+        vectors["test-org/minilm-onnx"], vectors["all-minilm-l6-v2"], atol=1e-5
+    )

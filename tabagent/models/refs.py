@@ -143,7 +143,8 @@ def choose_files(ref: ModelRef, files: list[str]) -> list[str]:
             and str(PurePosixPath(f).parent) in (".", folder)
         ]  # fmt: skip
         data = [f for f in files if f.startswith(model) and f != model]  # external weights
-        return sorted({model, *data, *support})
+        pooling = [f for f in files if f in _ONNX_SUPPORT_PATHS]
+        return sorted({model, *data, *support, *pooling})
     raise BadRequest(
         f"{ref.repo_id} has neither GGUF nor ONNX files; name a file: {ref.repo_id}/<path>",
         code="unsupported_model",
@@ -154,6 +155,7 @@ _ONNX_SUPPORT = {
     "config.json", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
     "vocab.txt", "modules.json", "sentence_bert_config.json", "generation_config.json",
 }  # fmt: skip
+_ONNX_SUPPORT_PATHS = {"1_Pooling/config.json"}  # sentence-transformers' pooling settings
 
 
 def _choose_gguf(ref: ModelRef, ggufs: list[str]) -> list[str]:
