@@ -16,6 +16,7 @@ from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -63,6 +64,26 @@ def http_get(
     except urllib.error.HTTPError as exc:
         with exc:
             return exc.code, exc.read()
+
+
+def http_post(
+    url: str, data: bytes, content_type: str = "application/json", timeout: float = 60.0
+) -> tuple[int, dict[str, str], bytes]:
+    """POST ``data``; (status, headers, body) for any status, the connection always closed."""
+    request = urllib.request.Request(
+        url, data=data, method="POST", headers={"Content-Type": content_type}
+    )
+    try:
+        with urllib.request.urlopen(request, timeout=timeout) as response:
+            return response.status, dict(response.headers), response.read()
+    except urllib.error.HTTPError as exc:
+        with exc:
+            return exc.code, dict(exc.headers), exc.read()
+
+
+def post_json(url: str, payload: object, timeout: float = 60.0) -> tuple[int, dict[str, Any]]:
+    status, _, body = http_post(url, json.dumps(payload).encode(), timeout=timeout)
+    return status, dict(json.loads(body))
 
 
 def wait_for_health(

@@ -15,7 +15,7 @@ from pathlib import Path
 import openai
 import pytest
 
-from tests.helpers import RunningServer, running_server
+from tests.helpers import RunningServer, http_post, post_json, running_server
 
 SYSTEM = {"role": "system", "content": "You are a helpful assistant. Answer concisely."}
 FRANCE = {"role": "user", "content": "What is the capital of France?"}
@@ -166,16 +166,13 @@ def test_invalid_parameters_are_422_naming_the_field(client: openai.OpenAI) -> N
 
 
 def test_tokenize_and_detokenize_round_trip(server: RunningServer) -> None:
-    def post(path: str, payload: dict[str, object]) -> dict[str, object]:
-        request = urllib.request.Request(
-            server.base_url + path, data=json.dumps(payload).encode(), method="POST"
-        )
-        with urllib.request.urlopen(request, timeout=30) as response:
-            return dict(json.load(response))
-
-    tokens = post("/v1/tokenize", {"text": "Hello, world", "add_special": False})
-    assert tokens["count"] == len(tokens["tokens"])  # type: ignore[arg-type]
-    text = post("/v1/detokenize", {"tokens": tokens["tokens"]})
+    status, tokens = post_json(
+        f"{server.base_url}/v1/tokenize", {"text": "Hello, world", "add_special": False}
+    )
+    assert status == 200
+    assert tokens["count"] == len(tokens["tokens"])
+    status, text = post_json(f"{server.base_url}/v1/detokenize", {"tokens": tokens["tokens"]})
+    assert status == 200
     assert text["text"] == "Hello, world"
 
 
@@ -187,17 +184,9 @@ def test_full_queue_answers_429_with_retry_after(server: RunningServer) -> None:
                  "messages": [{"role": "user", "content": "Tell me a long story."}]}  # fmt: skip
 
     def send() -> tuple[int, dict[str, str]]:
-        request = urllib.request.Request(
-            f"{server.base_url}/v1/chat/completions",
-            data=json.dumps(long_chat).encode(),
-            method="POST",
-        )
-        try:
-            with urllib.request.urlopen(request, timeout=120) as response:
-                return response.status, dict(response.headers)
-        except urllib.error.HTTPError as exc:
-            with exc:
-                return exc.code, dict(exc.headers)
+        url = f"{server.base_url}/v1/chat/completions"
+        status, headers, _ = http_post(url, json.dumps(long_chat).encode(), timeout=120)
+        return status, headers
 
     with concurrent.futures.ThreadPoolExecutor(4) as pool:
         results = list(pool.map(lambda _: send(), range(4)))
@@ -371,18 +360,8 @@ def _astronaut_png() -> bytes:
 def _post_faces(
     server: RunningServer, body: bytes, content_type: str
 ) -> tuple[int, dict[str, object]]:
-    request = urllib.request.Request(
-        f"{server.base_url}/v1/vision/faces",
-        data=body,
-        method="POST",
-        headers={"Content-Type": content_type},
-    )
-    try:
-        with urllib.request.urlopen(request, timeout=60) as response:
-            return response.status, dict(json.load(response))
-    except urllib.error.HTTPError as exc:
-        with exc:
-            return exc.code, dict(json.load(exc))
+    status, _, payload = http_post(f"{server.base_url}/v1/vision/faces", body, content_type)
+    return status, dict(json.loads(payload))
 
 
 def test_face_detection_finds_the_astronaut_as_base64_json(server: RunningServer) -> None:
@@ -451,15 +430,7 @@ def test_face_detection_rejects_bad_images_clearly(
 
 def test_load_and_unload_models_on_request(server: RunningServer, client: openai.OpenAI) -> None:
     def post(path: str, payload: dict[str, object]) -> tuple[int, dict[str, object]]:
-        request = urllib.request.Request(
-            server.base_url + path, data=json.dumps(payload).encode(), method="POST"
-        )
-        try:
-            with urllib.request.urlopen(request, timeout=60) as response:
-                return response.status, dict(json.load(response))
-        except urllib.error.HTTPError as exc:
-            with exc:
-                return exc.code, dict(json.load(exc))
+        return post_json(server.base_url + path, payload)
 
     status, card = post("/v1/models/load", {"model": "all-minilm-l6-v2", "keep_alive": "10m"})
     assert status == 200
