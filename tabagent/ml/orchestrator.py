@@ -176,6 +176,12 @@ class ModelOrchestrator:
             )
         return spec
 
+    def resolve(self, model_id: str | None, kind: ModelKind) -> str:
+        """The model a request names (or the default of its kind), checked to be of that kind."""
+        model_id = model_id or self.default(kind)
+        self.spec(model_id, kind)
+        return model_id
+
     def default(self, kind: ModelKind) -> str:
         for spec in self.catalog.values():
             if spec.kind == kind:

@@ -144,8 +144,7 @@ async def generate(
     ctx: OpContext, req: SamplingFields, input_: dict[str, Any]
 ) -> AsyncIterator[Delta | Finished]:
     ml = ctx.state.require_ml()
-    model_id = req.model or ml.orchestrator.default("chat")
-    ml.orchestrator.spec(model_id, "chat")
+    model_id = ml.orchestrator.resolve(req.model, "chat")
     keep_alive = parse_keep_alive(req.keep_alive)
     request = pb.GenerateRequest(model_id=model_id, sampling=req.sampling(), **input_)
     async with ml.orchestrator.use(model_id, ctx.request_id, keep_alive):
@@ -229,8 +228,7 @@ class DetokenizeResponse(BaseModel):
 async def tokenize(ctx: OpContext, req: TokenizeRequest) -> TokenizeResponse:
     """Token ids of a text with a chat model's tokenizer (count included)."""
     ml = ctx.state.require_ml()
-    model_id = req.model or ml.orchestrator.default("chat")
-    ml.orchestrator.spec(model_id, "chat")
+    model_id = ml.orchestrator.resolve(req.model, "chat")
     async with ml.orchestrator.use(model_id, ctx.request_id):
         reply = await ml.supervisor.unary(
             "Tokenize",
@@ -244,8 +242,7 @@ async def tokenize(ctx: OpContext, req: TokenizeRequest) -> TokenizeResponse:
 async def detokenize(ctx: OpContext, req: DetokenizeRequest) -> DetokenizeResponse:
     """Text of token ids."""
     ml = ctx.state.require_ml()
-    model_id = req.model or ml.orchestrator.default("chat")
-    ml.orchestrator.spec(model_id, "chat")
+    model_id = ml.orchestrator.resolve(req.model, "chat")
     async with ml.orchestrator.use(model_id, ctx.request_id):
         reply = await ml.supervisor.unary(
             "Detokenize", pb.DetokenizeRequest(model_id=model_id, tokens=req.tokens),

@@ -53,8 +53,7 @@ async def create(ctx: OpContext, req: EmbeddingRequest) -> EmbeddingList:
     inputs = [req.input] if isinstance(req.input, str) else req.input
     if not 1 <= len(inputs) <= MAX_INPUTS:
         raise BadRequest(f"input must hold 1 to {MAX_INPUTS} strings", param="input")
-    model_id = req.model or ml.orchestrator.default("embedding")
-    ml.orchestrator.spec(model_id, "embedding")
+    model_id = ml.orchestrator.resolve(req.model, "embedding")
     async with ml.orchestrator.use(model_id, ctx.request_id):
         reply = await ml.supervisor.unary(
             "Embed", pb.EmbedRequest(model_id=model_id, inputs=inputs), ctx.request_id, 120.0,

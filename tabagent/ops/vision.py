@@ -62,8 +62,7 @@ async def detect(
     ctx: OpContext, data: bytes, min_confidence: float | None, model: str | None
 ) -> FacesResponse:
     ml = ctx.state.require_ml()
-    model_id = model or ml.orchestrator.default("vision")
-    ml.orchestrator.spec(model_id, "vision")
+    model_id = ml.orchestrator.resolve(model, "vision")
     request = pb.DetectFacesRequest(model_id=model_id, encoded=data)
     if min_confidence is not None:
         request.min_confidence = min_confidence
