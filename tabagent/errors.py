@@ -17,8 +17,11 @@ the wire contract: add new ones, never rename.
     ├── ValidationFailed          422 invalid_request_error / validation_error
     ├── TooManyRequests           429 rate_limit_error / rate_limited
     ├── NotImplementedYet         501 server_error / not_implemented
+    ├── DownloadError             502 server_error / download_failed
+    │   └── ChecksumMismatch      502 server_error / checksum_mismatch
     ├── ServiceUnavailable        503 server_error / unavailable
-    └── Timeout                   504 server_error / timeout
+    ├── Timeout                   504 server_error / timeout
+    └── DiskError                 507 server_error / disk_error
 """
 
 from __future__ import annotations
@@ -121,3 +124,19 @@ class Timeout(TabAgentError):
     status = 504
     type = "server_error"
     code = "timeout"
+
+
+class DownloadError(TabAgentError):
+    status = 502
+    type = "server_error"
+    code = "download_failed"
+
+
+class ChecksumMismatch(DownloadError):
+    code = "checksum_mismatch"
+
+
+class DiskError(TabAgentError):
+    status = 507
+    type = "server_error"
+    code = "disk_error"

@@ -14,9 +14,9 @@ from pathlib import Path
 
 import pytest
 
-from tabagent.errors import BadRequest
+from tabagent.errors import BadRequest, ChecksumMismatch
 from tabagent.models.cache import ModelCache
-from tabagent.models.downloader import ChecksumMismatch, Tuning
+from tabagent.models.downloader import Tuning
 from tabagent.models.pull import Puller
 from tabagent.models.refs import parse_ref
 from tests.fakehub import FakeHub

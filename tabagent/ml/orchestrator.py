@@ -31,7 +31,6 @@ from tabagent.models.cache import CachedModel
 log = logging.getLogger(__name__)
 
 ModelKind = Literal["chat", "embedding", "vision"]
-FOREVER = -1.0
 
 
 @dataclass(frozen=True)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
@@ -37,4 +37,3 @@ class MLServices:
     supervisor: WorkerSupervisor
     orchestrator: ModelOrchestrator
     metrics: MLMetrics
-    started: bool = field(default=False)

@@ -35,7 +35,7 @@ from pathlib import Path
 
 import aiohttp
 
-from tabagent.errors import BadRequest, TabAgentError
+from tabagent.errors import BadRequest, ChecksumMismatch, DiskError, DownloadError, TabAgentError
 
 log = logging.getLogger(__name__)
 
@@ -50,22 +50,6 @@ _STATE_EVERY_BYTES = 4 * MiB
 # before the final rename has little left to do.
 _FLUSH_EVERY_BYTES = 64 * MiB
 _STATE_EVERY = 0.5
-
-
-class DownloadError(TabAgentError):
-    status = 502
-    type = "server_error"
-    code = "download_failed"
-
-
-class ChecksumMismatch(DownloadError):
-    code = "checksum_mismatch"
-
-
-class DiskError(TabAgentError):
-    status = 507
-    type = "server_error"
-    code = "disk_error"
 
 
 @dataclass(frozen=True)
@@ -533,10 +517,7 @@ def new_session(connections: int = 16, token: str | None = None) -> aiohttp.Clie
 
 
 __all__ = [
-    "ChecksumMismatch",
     "Counters",
-    "DiskError",
-    "DownloadError",
     "RemoteFile",
     "Tuning",
     "download",

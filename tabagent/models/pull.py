@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
-from tabagent.errors import BadRequest, NotFound, ServiceUnavailable, TabAgentError
+from tabagent.errors import BadRequest, NotFound, ServiceUnavailable
 from tabagent.models.cache import CachedFile, CachedModel, ModelCache
 from tabagent.models.downloader import Counters, RemoteFile, Tuning, download, new_session
 from tabagent.models.refs import ModelRef, choose_files, safe_relative_path
@@ -207,9 +207,3 @@ class Puller:
 
 def model_paths(cache: ModelCache, model: CachedModel) -> list[Path]:
     return [cache.snapshot_path(model.repo_id, model.commit, f.path) for f in model.files]
-
-
-def describe_error(exc: BaseException) -> str:
-    if isinstance(exc, TabAgentError):
-        return exc.message
-    return f"{type(exc).__name__}: {exc}"
