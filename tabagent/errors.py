@@ -13,10 +13,13 @@ the wire contract: add new ones, never rename.
     ├── Forbidden                 403 permission_error / forbidden
     ├── NotFound                  404 not_found_error / not_found
     ├── MethodNotAllowed          405 invalid_request_error / method_not_allowed
+    ├── Conflict                  409 invalid_request_error / conflict
+    │   └── SchemaTooNew          409 invalid_request_error / schema_too_new
     ├── PayloadTooLarge           413 invalid_request_error / request_too_large
     ├── ValidationFailed          422 invalid_request_error / validation_error
     ├── TooManyRequests           429 rate_limit_error / rate_limited
     ├── NotImplementedYet         501 server_error / not_implemented
+    ├── StorageError              500 server_error / storage_error
     ├── DownloadError             502 server_error / download_failed
     │   └── ChecksumMismatch      502 server_error / checksum_mismatch
     ├── ServiceUnavailable        503 server_error / unavailable
@@ -90,6 +93,18 @@ class MethodNotAllowed(TabAgentError):
     code = "method_not_allowed"
 
 
+class Conflict(TabAgentError):
+    status = 409
+    type = "invalid_request_error"
+    code = "conflict"
+
+
+class SchemaTooNew(Conflict):
+    """A database written by a newer TabAgent: opening it could corrupt it."""
+
+    code = "schema_too_new"
+
+
 class PayloadTooLarge(TabAgentError):
     status = 413
     type = "invalid_request_error"
@@ -124,6 +139,10 @@ class Timeout(TabAgentError):
     status = 504
     type = "server_error"
     code = "timeout"
+
+
+class StorageError(TabAgentError):
+    code = "storage_error"
 
 
 class DownloadError(TabAgentError):

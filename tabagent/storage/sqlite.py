@@ -1,0 +1,190 @@
+"""One SQLite database file: pragmas, versioned migrations, one writer, many readers.
+
+Every relational store of the memory layer is a :class:`Database`. The settings that matter:
+
+- **WAL** journal: readers never block the writer and see a consistent snapshot each.
+- ``synchronous=NORMAL``: a committed transaction survives the process being killed (it is in
+  the WAL, in the OS page cache); only a power cut can lose the last few commits. ``durable=True``
+  (``synchronous=FULL``) closes that gap at about 2x the cost per commit.
+- ``foreign_keys=ON`` so cascades and references hold; a busy timeout for the rare checkpoint.
+
+Migrations are SQL scripts, numbered by their position; each runs in its own transaction that
+also sets ``PRAGMA user_version``, so a crash mid-migration leaves the previous version whole.
+
+Writes go through :meth:`Database.transaction` (one writer at a time, serialised by a lock);
+reads through :meth:`Database.reader`, a connection per thread opened read-only.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import sqlite3
+import threading
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+
+from tabagent.errors import SchemaTooNew, StorageError
+
+log = logging.getLogger(__name__)
+
+
+class Database:
+    def __init__(
+        self, path: Path, migrations: Sequence[str], *, durable: bool = False, name: str = ""
+    ) -> None:
+        self.path = path
+        self.name = name or path.stem
+        self.migrations = tuple(migrations)
+        self._synchronous = "FULL" if durable else "NORMAL"
+        self._lock = threading.RLock()
+        self._local = threading.local()
+        self._readers: list[sqlite3.Connection] = []
+        self._readers_lock = threading.Lock()
+        self._writer: sqlite3.Connection | None = None
+
+    # -- lifecycle ------------------------------------------------------------------------
+
+    def open(self) -> int:
+        """Open (creating if needed) and migrate; returns the schema version now in the file."""
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        conn = self._connect()
+        try:
+            version = self._migrate(conn)
+        except BaseException:
+            conn.close()
+            raise
+        self._writer = conn
+        return version
+
+    def close(self) -> None:
+        with self._readers_lock:
+            for reader in self._readers:
+                reader.close()
+            self._readers.clear()
+        self._local = threading.local()
+        with self._lock:
+            if self._writer is not None:
+                self._writer.close()
+                self._writer = None
+
+    @property
+    def version(self) -> int:
+        return len(self.migrations)
+
+    def _connect(self, *, readonly: bool = False) -> sqlite3.Connection:
+        if readonly:
+            uri = f"{self.path.resolve().as_uri()}?mode=ro"
+            conn = sqlite3.connect(uri, uri=True, isolation_level=None, check_same_thread=False)
+        else:
+            conn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
+        conn.row_factory = sqlite3.Row
+        conn.execute("PRAGMA busy_timeout = 5000")
+        if not readonly:
+            mode = conn.execute("PRAGMA journal_mode = WAL").fetchone()[0]
+            if mode != "wal":  # pragma: no cover - a filesystem without shared memory
+                log.warning("%s: WAL unavailable, journal mode is %s", self.path, mode)
+        conn.execute(f"PRAGMA synchronous = {self._synchronous}")
+        conn.execute("PRAGMA foreign_keys = ON")
+        conn.execute("PRAGMA temp_store = MEMORY")
+        return conn
+
+    def _migrate(self, conn: sqlite3.Connection) -> int:
+        current = conn.execute("PRAGMA user_version").fetchone()[0]
+        if current > len(self.migrations):
+            raise SchemaTooNew(
+                f"{self.path} has schema version {current}, newer than this TabAgent knows "
+                f"({len(self.migrations)}); upgrade TabAgent or restore a backup"
+            )
+        for version in range(current + 1, len(self.migrations) + 1):
+            script = self.migrations[version - 1]
+            try:
+                conn.executescript(
+                    f"BEGIN IMMEDIATE;\n{script}\n;PRAGMA user_version = {version};\nCOMMIT;"
+                )
+            except sqlite3.Error as exc:
+                if conn.in_transaction:
+                    conn.execute("ROLLBACK")
+                raise StorageError(
+                    f"{self.name}: migration to version {version} failed: {exc}"
+                ) from exc
+            log.info("%s: migrated to schema version %d", self.name, version)
+        return len(self.migrations)
+
+    # -- access ---------------------------------------------------------------------------
+
+    @property
+    def writer(self) -> sqlite3.Connection:
+        if self._writer is None:
+            raise StorageError(f"{self.name} is not open", code="storage_closed")
+        return self._writer
+
+    @contextlib.contextmanager
+    def transaction(self) -> Iterator[sqlite3.Connection]:
+        """The writer connection inside ``BEGIN IMMEDIATE`` … ``COMMIT`` (rolled back on error).
+
+        Re-entrant on the same thread: an inner use joins the outer transaction.
+        """
+        with self._lock:
+            conn = self.writer
+            if conn.in_transaction:
+                yield conn
+                return
+            conn.execute("BEGIN IMMEDIATE")
+            try:
+                yield conn
+            except BaseException:
+                conn.execute("ROLLBACK")
+                raise
+            conn.execute("COMMIT")
+
+    @contextlib.contextmanager
+    def savepoint(self, conn: sqlite3.Connection) -> Iterator[None]:
+        """A nested unit inside a transaction: its failure undoes only its own statements."""
+        conn.execute("SAVEPOINT unit")
+        try:
+            yield
+        except BaseException:
+            conn.execute("ROLLBACK TO unit")
+            conn.execute("RELEASE unit")
+            raise
+        conn.execute("RELEASE unit")
+
+    def reader(self) -> sqlite3.Connection:
+        """This thread's read-only connection (each statement sees one committed snapshot)."""
+        conn: sqlite3.Connection | None = getattr(self._local, "conn", None)
+        if conn is None:
+            if self._writer is None:
+                raise StorageError(f"{self.name} is not open", code="storage_closed")
+            conn = self._connect(readonly=True)
+            self._local.conn = conn
+            with self._readers_lock:
+                self._readers.append(conn)
+        return conn
+
+    @contextlib.contextmanager
+    def snapshot(self) -> Iterator[sqlite3.Connection]:
+        """Several reads that must agree with each other: one read transaction."""
+        conn = self.reader()
+        conn.execute("BEGIN")
+        try:
+            yield conn
+        finally:
+            conn.execute("COMMIT")
+
+    def backup_to(self, target: Path, source: sqlite3.Connection | None = None) -> None:
+        """Copy the database page by page into ``target`` (WAL content included).
+
+        With ``source`` in an open read transaction, the copy is of that snapshot, whatever the
+        writer does meanwhile.
+        """
+        dest = sqlite3.connect(target)
+        try:
+            conn = source or self.reader()
+            conn.backup(dest)
+        finally:
+            dest.close()
+
+    def checkpoint(self) -> None:
+        with self._lock:
+            self.writer.execute("PRAGMA wal_checkpoint(TRUNCATE)")

@@ -1,0 +1,282 @@
+"""The SQLite layer of memory: migrations, the writer's group commit, the relational stores.
+
+Real SQLite files in tmp_path; nothing is mocked.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import sqlite3
+import threading
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from tabagent.errors import NotFound, SchemaTooNew, StorageError
+from tabagent.storage import outbox
+from tabagent.storage.conversations import MIGRATIONS, ConversationStore
+from tabagent.storage.fts import match_expression
+from tabagent.storage.history import (
+    EXPERIENCE_MIGRATIONS,
+    SUMMARIES_MIGRATIONS,
+    TOOL_RESULTS_MIGRATIONS,
+    ExperienceStore,
+    SummaryStore,
+    ToolResultStore,
+)
+from tabagent.storage.meta import MIGRATIONS as META_MIGRATIONS
+from tabagent.storage.meta import MetaStore
+from tabagent.storage.records import NewMessage, label_parts, vector_label
+from tabagent.storage.sqlite import Database
+from tabagent.storage.writer import Writer
+
+
+def open_db(path: Path, migrations: tuple[str, ...] = MIGRATIONS) -> Database:
+    db = Database(path, migrations)
+    db.open()
+    return db
+
+
+@pytest.fixture
+def db(tmp_path: Path) -> Database:
+    database = open_db(tmp_path / "conversations.db")
+    yield database
+    database.close()
+
+
+@pytest.fixture
+def store(db: Database) -> ConversationStore:
+    return ConversationStore(db)
+
+
+def user(text: str) -> NewMessage:
+    return NewMessage(role="user", content=text)
+
+
+# ---- Database: pragmas and migrations ---------------------------------------------------
+
+
+def test_a_new_database_is_in_wal_mode_with_foreign_keys_and_the_latest_schema(
+    db: Database,
+) -> None:
+    conn = db.writer
+    assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+    assert conn.execute("PRAGMA foreign_keys").fetchone()[0] == 1
+    assert conn.execute("PRAGMA user_version").fetchone()[0] == len(MIGRATIONS)
+    tables = {r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+    assert {"conversations", "messages", "messages_fts", "vector_outbox"} <= tables
+
+
+def test_migrating_from_the_previous_schema_keeps_data_and_indexes_it(tmp_path: Path) -> None:
+    path = tmp_path / "conversations.db"
+    old = open_db(path, MIGRATIONS[:1])
+    with old.transaction() as conn:
+        conn.execute(
+            "INSERT INTO conversations(id, title, created_at, updated_at) VALUES ('c1', 't', 1, 1)"
+        )
+        conn.execute(
+            "INSERT INTO messages(conversation_id, role, content, created_at)"
+            " VALUES ('c1', 'user', 'my dogs are called Rex and Fido', 1)"
+        )
+    old.close()
+
+    new = open_db(path)
+    store = ConversationStore(new)
+    assert new.writer.execute("PRAGMA user_version").fetchone()[0] == 2
+    conv = store.get("c1")
+    assert conv.tags == []
+    assert conv.message_count == 1
+    # the FTS index was built over rows that predate it
+    assert [mid for mid, _ in store.keyword_search("dog")] == [1]
+    new.close()
+
+
+def test_a_database_from_a_newer_version_is_refused_untouched(tmp_path: Path) -> None:
+    path = tmp_path / "x.db"
+    conn = sqlite3.connect(path)
+    conn.execute("PRAGMA user_version = 99")
+    conn.close()
+    with pytest.raises(SchemaTooNew, match="newer"):
+        Database(path, MIGRATIONS).open()
+    assert sqlite3.connect(path).execute("PRAGMA user_version").fetchone()[0] == 99
+
+
+def test_a_failing_migration_leaves_the_previous_version_whole(tmp_path: Path) -> None:
+    path = tmp_path / "x.db"
+    open_db(path, ("CREATE TABLE a(x);",)).close()
+    broken = ("CREATE TABLE a(x);", "CREATE TABLE b(y); INSERT INTO nowhere VALUES (1);")
+    with pytest.raises(StorageError, match="migration to version 2 failed"):
+        Database(path, broken).open()
+    conn = sqlite3.connect(path)
+    assert conn.execute("PRAGMA user_version").fetchone()[0] == 1
+    tables = {r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+    assert tables == {"a"}  # b was rolled back with the failed step
+
+
+# ---- the writer ---------------------------------------------------------------------------
+
+
+def test_concurrent_writes_are_grouped_into_few_commits_and_all_acknowledged(
+    db: Database, store: ConversationStore
+) -> None:
+    writer = Writer()
+    writer.start()
+    writer.run(db, lambda conn: store.create(conn, conversation_id="c"))
+    with concurrent.futures.ThreadPoolExecutor(8) as pool:
+        futures = [
+            pool.submit(writer.run, db, lambda conn, i=i: store.append(conn, "c", [user(f"m{i}")]))
+            for i in range(400)
+        ]
+        ids = [f.result()[0].id for f in futures]
+    writer.close()
+    assert len(set(ids)) == 400
+    assert store.get("c").message_count == 400
+    assert writer.writes == 401
+    assert writer.rounds < 401  # some rounds committed several writes at once
+
+
+def test_one_failing_write_in_a_round_is_undone_alone(
+    db: Database, store: ConversationStore
+) -> None:
+    writer = Writer()
+    gate = threading.Event()
+    writer.start()
+    writer.run(db, lambda conn: store.create(conn, conversation_id="c"))
+    # hold the writer so the next three land in one round
+    blocker = writer.submit(db, lambda conn: gate.wait(5))
+    ok1 = writer.submit(db, lambda conn: store.append(conn, "c", [user("first")]))
+    bad = writer.submit(db, lambda conn: store.append(conn, "missing", [user("lost")]))
+    ok2 = writer.submit(db, lambda conn: store.append(conn, "c", [user("second")]))
+    gate.set()
+    assert blocker.result() is True
+    assert ok1.result()[0].content == "first"
+    assert ok2.result()[0].content == "second"
+    with pytest.raises(NotFound, match="missing"):
+        bad.result()
+    writer.close()
+    assert [m.content for m in store.messages("c")] == ["first", "second"]
+    with pytest.raises(StorageError, match="closed"):
+        writer.submit(db, lambda conn: None)
+
+
+# ---- conversations ---------------------------------------------------------------------------
+
+
+def test_messages_keep_their_order_and_conversations_list_newest_first(
+    db: Database, store: ConversationStore
+) -> None:
+    with db.transaction() as conn:
+        a = store.create(conn, title="A", tags=["work"])
+        b = store.create(conn, title="B")
+        store.append(conn, a.id, [user("one"), NewMessage(role="assistant", content="two")])
+    with db.transaction() as conn:
+        store.append(conn, b.id, [user("three")])
+    assert [c.id for c in store.recent()] == [b.id, a.id]
+    assert [c.id for c in store.recent(tag="work")] == [a.id]
+    msgs = store.messages(a.id)
+    assert [(m.role, m.content) for m in msgs] == [("user", "one"), ("assistant", "two")]
+    assert [m.content for m in store.messages(a.id, limit=1, newest=True)] == ["two"]
+    assert store.message(msgs[1].id).content == "two"
+    with pytest.raises(NotFound):
+        store.message(10_000)
+    with pytest.raises(NotFound), db.transaction() as conn:
+        store.append(conn, "nope", [user("x")])
+
+
+def test_keyword_search_stems_ignores_query_syntax_and_filters(
+    db: Database, store: ConversationStore
+) -> None:
+    with db.transaction() as conn:
+        a = store.create(conn, tags=["pets"])
+        b = store.create(conn)
+        store.append(
+            conn,
+            a.id,
+            [
+                user("My dog's name is Rex"),
+                NewMessage(role="assistant", content="Rex is a good dog"),
+            ],
+        )
+        store.append(conn, b.id, [user("Dogs bark at night")])
+    found = store.keyword_search('what is my "dog called? AND title:x')
+    assert len(found) == 3
+    assert store.keyword_search("dog", roles=["assistant"])[0][0] == 2
+    assert [i for i, _ in store.keyword_search("dog", conversation_id=b.id)] == [3]
+    assert {i for i, _ in store.keyword_search("dog", tags=["pets"])} == {1, 2}
+    assert store.keyword_search("???") == []
+    assert match_expression("what is my dog called?") == '"dog" OR "called"'
+
+
+def test_a_message_and_its_vector_commit_together_and_deletes_queue_vector_deletes(
+    db: Database, store: ConversationStore
+) -> None:
+    vectors = np.eye(2, 4, dtype=np.float32)
+    with db.transaction() as conn:
+        conv = store.create(conn)
+        stored = store.append(conn, conv.id, [user("a"), user("b")], vectors, "m")
+    try:
+        with db.transaction() as conn:
+            store.append(conn, conv.id, [user("c")], vectors[:1], "m")
+            raise RuntimeError("crash before commit")
+    except RuntimeError:
+        pass
+    entries = outbox.pending(db.reader(), 100)
+    assert [(e.op, label_parts(e.label)) for e in entries] == [
+        ("upsert", ("message", stored[0].id)),
+        ("upsert", ("message", stored[1].id)),
+    ]
+    assert np.array_equal(entries[1].vector, vectors[1])
+    assert all(m.embedded for m in store.messages(conv.id))
+
+    with db.transaction() as conn:
+        outbox.retire(conn, entries)
+        assert store.delete(conn, conv.id) == 2
+    deletes = outbox.pending(db.reader(), 100)
+    assert sorted(e.label for e in deletes) == [vector_label("message", m.id) for m in stored]
+    assert {e.op for e in deletes} == {"delete"}
+    assert store.messages(conv.id) == []
+
+
+# ---- the other relational stores ---------------------------------------------------------
+
+
+def test_tool_results_experience_summaries_and_meta_round_trip(tmp_path: Path) -> None:
+    tools = ToolResultStore(open_db(tmp_path / "tool_results.db", TOOL_RESULTS_MIGRATIONS))
+    with tools.db.transaction() as conn:
+        tools.record(
+            conn, tool="search", arguments={"q": "x"}, result={"n": 3}, conversation_id="c"
+        )
+        tools.record(conn, tool="fetch", error="timeout", duration_ms=5000.0)
+    assert [t.tool for t in tools.recent()] == ["fetch", "search"]
+    assert tools.recent(tool="search")[0].result == {"n": 3}
+    assert tools.recent(conversation_id="c")[0].arguments == {"q": "x"}
+
+    exp = ExperienceStore(open_db(tmp_path / "experience.db", EXPERIENCE_MIGRATIONS))
+    with exp.db.transaction() as conn:
+        ep = exp.record(conn, event="summarised a web page", outcome="user copied it")
+        exp.give_feedback(conn, ep.id, "great summary", 1.0)
+        with pytest.raises(NotFound):
+            exp.give_feedback(conn, 999, "x", None)
+    assert exp.recent()[0].feedback == "great summary"
+    assert [i for i, _ in exp.keyword_search("summaries")] == [ep.id]
+
+    sums = SummaryStore(open_db(tmp_path / "summaries.db", SUMMARIES_MIGRATIONS))
+    with sums.db.transaction() as conn:
+        sums.add(conn, text="talked about the garden", conversation_id="c", covers_to_message_id=4)
+        sums.add(conn, text="planned a trip to Lisbon", conversation_id="c", covers_to_message_id=9)
+    latest = sums.latest("c")
+    assert latest is not None
+    assert latest.covers_to_message_id == 9
+    assert sums.latest("other") is None
+    assert [i for i, _ in sums.keyword_search("gardening")] == [1]
+
+    meta = MetaStore(open_db(tmp_path / "meta.db", META_MIGRATIONS))
+    with meta.db.transaction() as conn:
+        meta.record_schema(conn, "conversations", 2)
+        meta.set(conn, "default_embedding_model", "m")
+        meta.set_mark(conn, "index", 42)
+    assert meta.schema_versions() == {"conversations": 2}
+    assert meta.get("default_embedding_model") == "m"
+    assert meta.get("nope", 1) == 1
+    assert meta.marks() == {"index": 42}
