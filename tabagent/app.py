@@ -41,6 +41,7 @@ if TYPE_CHECKING:
     from tabagent.ml.services import MLServices
     from tabagent.models.downloader import Counters
     from tabagent.models.service import ModelService
+    from tabagent.storage.memory import Memory
 
 log = logging.getLogger(__name__)
 
@@ -158,6 +159,37 @@ def _ml_component(ml: MLServices) -> Callable[[web.Application], AsyncIterator[N
     return lifetime
 
 
+def build_memory(settings: Settings, ml: MLServices | None) -> Memory:
+    """The seven databases; vectors come from the worker's embedding model when there is one."""
+    from tabagent.errors import NotFound
+    from tabagent.ml.services import WorkerEmbedder
+    from tabagent.storage.memory import Memory
+
+    embedder = None
+    if ml is not None:
+        try:
+            embedder = WorkerEmbedder(ml)
+        except NotFound:  # no embedding model installed: keyword search only
+            log.warning("no embedding model: memory search is keyword-only")
+    return Memory(settings.db_path, embedder=embedder)
+
+
+def _memory_component(
+    state: AppState, memory: Memory
+) -> Callable[[web.Application], AsyncIterator[None]]:
+    async def lifetime(app: web.Application) -> AsyncIterator[None]:
+        state.components.set("memory", "starting")
+        await memory.open()
+        state.memory = memory
+        state.components.set("memory", "ok", str(memory.root))
+        yield
+        state.memory = None
+        await memory.close()
+        state.components.set("memory", "down", "closed")
+
+    return lifetime
+
+
 def _http_component(state: AppState) -> Callable[[web.Application], AsyncIterator[None]]:
     async def lifetime(app: web.Application) -> AsyncIterator[None]:
         state.components.set("http", "ok")
@@ -208,6 +240,10 @@ def build_app(
     if settings.ml_worker:
         state.ml = build_ml(settings, state, state.metrics.registry)
         app.cleanup_ctx.append(_ml_component(state.ml))
+    if settings.memory:
+        app.cleanup_ctx.append(_memory_component(state, build_memory(settings, state.ml)))
+    else:
+        state.components.set("memory", "off", "started with --no-memory")
     app.cleanup_ctx.append(_http_component(state))
 
     mount_operations(app, registry, settings.max_body_bytes)

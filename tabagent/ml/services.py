@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
+import numpy as np
+import numpy.typing as npt
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
+from ml_service.proto import ml_inference_pb2 as pb
 from tabagent.ml.orchestrator import ModelOrchestrator
 from tabagent.ml.supervisor import WorkerSupervisor
 
@@ -37,3 +41,32 @@ class MLServices:
     supervisor: WorkerSupervisor
     orchestrator: ModelOrchestrator
     metrics: MLMetrics
+
+    async def embed(
+        self, texts: Sequence[str], model: str | None = None, request_id: str = "-"
+    ) -> tuple[str, npt.NDArray[np.float32], int]:
+        """(model id, unit vectors (n, dims), prompt tokens) from the worker's embedding model."""
+        model_id = self.orchestrator.resolve(model, "embedding")
+        async with self.orchestrator.use(model_id, request_id):
+            reply = await self.supervisor.unary(
+                "Embed", pb.EmbedRequest(model_id=model_id, inputs=list(texts)), request_id,
+                120.0, "embedding",
+            )  # fmt: skip
+        vectors = np.frombuffer(reply.vectors, dtype="<f4").reshape(len(texts), reply.dimensions)
+        return model_id, vectors, reply.prompt_tokens
+
+
+class WorkerEmbedder:
+    """Memory's embedder in the server: the default embedding model in the ML worker."""
+
+    def __init__(self, ml: MLServices, model: str | None = None) -> None:
+        self._ml = ml
+        self._model = ml.orchestrator.resolve(model, "embedding")
+
+    @property
+    def model(self) -> str:
+        return self._model
+
+    async def embed(self, texts: Sequence[str]) -> npt.NDArray[np.float32]:
+        _, vectors, _ = await self._ml.embed(texts, self._model, "memory")
+        return vectors

@@ -2,10 +2,18 @@
 
 from __future__ import annotations
 
-from tabagent.ops import chat, embeddings, models, system, vision
+from tabagent.ops import chat, conversations, embeddings, memory, models, system, vision
 from tabagent.ops.registry import Registry
 
 
 def default_registry() -> Registry:
     """Every operation the server offers."""
-    return Registry(system.group, models.group, chat.group, embeddings.group, vision.group)
+    return Registry(
+        system.group,
+        models.group,
+        chat.group,
+        embeddings.group,
+        vision.group,
+        conversations.group,
+        memory.group,
+    )

@@ -18,7 +18,9 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from ml_service.proto import ml_inference_pb2 as pb
 from tabagent.errors import BadRequest
+from tabagent.ops import recall
 from tabagent.ops.registry import Http, OpContext, OperationGroup
+from tabagent.storage.records import NewMessage, SearchHit
 
 group = OperationGroup(tag="chat")
 
@@ -103,6 +105,19 @@ class SamplingFields(BaseModel):
 
 class ChatRequest(SamplingFields):
     messages: list[Message] = Field(min_length=1, max_length=MAX_MESSAGES)
+    conversation_id: str | None = Field(
+        None,
+        min_length=1,
+        max_length=128,
+        pattern=r"^[A-Za-z0-9._:\-]+$",
+        description="TabAgent extension (or the X-Conversation-Id header): keep this chat in "
+        "memory. New turns are stored, relevant memories from earlier conversations are added "
+        "to the prompt, and older turns are summarised when the context fills. Send the whole "
+        "history or only the new turn: both work.",
+    )
+    memory: bool = Field(
+        True, description="TabAgent extension: recall memories (with a conversation_id)."
+    )
 
 
 class CompletionRequest(SamplingFields):
@@ -132,12 +147,22 @@ class Usage(BaseModel):
     total_tokens: int
 
 
+class MemoryUse(BaseModel):
+    """What memory contributed to one answer (a TabAgent extension of the response)."""
+
+    conversation_id: str
+    memories: list[SearchHit] = Field(description="Recalled and added to the prompt.")
+    summarized_turns: int = Field(description="Older turns replaced by the rolling summary.")
+    stored_message_ids: list[int] = Field(description="Messages of this turn now stored.")
+
+
 class Finished(BaseModel):
     event_name: ClassVar[str] = "done"
     finish_reason: str
     model: str
     usage: Usage
     tokens_per_second: float | None = None
+    memory: MemoryUse | None = None
 
 
 async def generate(
@@ -183,13 +208,52 @@ async def chat_complete(ctx: OpContext, req: ChatRequest) -> AsyncIterator[Delta
 
     Messages are rendered with the model's own chat template.
     """
-    messages = [
-        pb.ChatMessage(role="system" if m.role == "developer" else m.role, content=m.text())
-        for m in req.messages
-    ]
-    transcript = pb.ChatTranscript(messages=messages)
-    async for event in generate(ctx, req, {"chat": transcript}):
-        yield event
+    pairs = [("system" if m.role == "developer" else m.role, m.text()) for m in req.messages]
+    memory = ctx.state.memory
+    if req.conversation_id is None or memory is None or not ctx.state.settings.memory:
+        transcript = pb.ChatTranscript(
+            messages=[pb.ChatMessage(role=role, content=text) for role, text in pairs]
+        )
+        async for event in generate(ctx, req, {"chat": transcript}):
+            yield event
+        return
+
+    ml = ctx.state.require_ml()
+    model_id = ml.orchestrator.resolve(req.model, "chat")
+    reserve = req.max_completion_tokens or req.max_tokens or recall.DEFAULT_RESERVE_TOKENS
+    plan = await recall.prepare(
+        ctx, memory, req.conversation_id, pairs, model_id, reserve, recall_memories=req.memory
+    )
+    transcript = pb.ChatTranscript(
+        messages=[pb.ChatMessage(role=role, content=text) for role, text in plan.transcript]
+    )
+    parts: list[str] = []
+    async for event in generate(
+        ctx, req.model_copy(update={"model": model_id}), {"chat": transcript}
+    ):
+        if isinstance(event, Delta):
+            parts.append(event.text)
+            yield event
+            continue
+        # stored before the final event: a client may stop reading once it has it
+        answer = "".join(parts)
+        if answer.strip():
+            (saved,) = await memory.add_messages(
+                req.conversation_id,
+                [NewMessage(role="assistant", content=answer, model=model_id)],
+            )
+            plan.stored_ids.append(saved.id)
+        await recall.learn(ctx, memory, plan)
+        yield event.model_copy(
+            update={
+                "memory": MemoryUse(
+                    conversation_id=req.conversation_id,
+                    memories=plan.memories,
+                    summarized_turns=plan.dropped,
+                    stored_message_ids=plan.stored_ids,
+                )
+            }
+        )
 
 
 @group.operation("text.complete", http=Http("POST", "/v1/completions", adapter="custom"))

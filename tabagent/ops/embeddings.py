@@ -5,10 +5,8 @@ from __future__ import annotations
 import base64
 from typing import Annotated, Literal
 
-import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
-from ml_service.proto import ml_inference_pb2 as pb
 from tabagent.errors import BadRequest
 from tabagent.ops.registry import Http, OpContext, OperationGroup
 
@@ -53,16 +51,10 @@ async def create(ctx: OpContext, req: EmbeddingRequest) -> EmbeddingList:
     inputs = [req.input] if isinstance(req.input, str) else req.input
     if not 1 <= len(inputs) <= MAX_INPUTS:
         raise BadRequest(f"input must hold 1 to {MAX_INPUTS} strings", param="input")
-    model_id = ml.orchestrator.resolve(req.model, "embedding")
-    async with ml.orchestrator.use(model_id, ctx.request_id):
-        reply = await ml.supervisor.unary(
-            "Embed", pb.EmbedRequest(model_id=model_id, inputs=inputs), ctx.request_id, 120.0,
-            "embedding",
-        )  # fmt: skip
-    vectors = np.frombuffer(reply.vectors, dtype="<f4").reshape(len(inputs), reply.dimensions)
-    if req.dimensions is not None and req.dimensions != reply.dimensions:
+    model_id, vectors, prompt_tokens = await ml.embed(inputs, req.model, ctx.request_id)
+    if req.dimensions is not None and req.dimensions != vectors.shape[1]:
         raise BadRequest(
-            f"{model_id} makes {reply.dimensions}-dimensional vectors; "
+            f"{model_id} makes {vectors.shape[1]}-dimensional vectors; "
             f"dimensions={req.dimensions} is not supported",
             param="dimensions",
         )
@@ -75,5 +67,5 @@ async def create(ctx: OpContext, req: EmbeddingRequest) -> EmbeddingList:
         )
         for i, row in enumerate(vectors)
     ]
-    usage = EmbeddingUsage(prompt_tokens=reply.prompt_tokens, total_tokens=reply.prompt_tokens)
+    usage = EmbeddingUsage(prompt_tokens=prompt_tokens, total_tokens=prompt_tokens)
     return EmbeddingList(data=data, model=model_id, usage=usage)

@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
-from tabagent.errors import NotFound
+from tabagent.errors import Conflict, NotFound
 from tabagent.storage import outbox
 from tabagent.storage.fts import match_expression
 from tabagent.storage.records import Conversation, Message, NewMessage, vector_label
@@ -124,6 +124,8 @@ class ConversationStore:
     ) -> Conversation:
         now = time.time()
         cid = conversation_id or new_conversation_id()
+        if conversation_id is not None and self._exists(conn, conversation_id):
+            raise Conflict(f"conversation {cid!r} exists", code="conversation_exists")
         conn.execute(
             "INSERT INTO conversations(id, title, model, tags, metadata, created_at, updated_at)"
             " VALUES (?, ?, ?, ?, ?, ?, ?)",
@@ -138,6 +140,11 @@ class ConversationStore:
             created_at=now,
             updated_at=now,
         )
+
+    @staticmethod
+    def _exists(conn: sqlite3.Connection, conversation_id: str) -> bool:
+        row = conn.execute("SELECT 1 FROM conversations WHERE id = ?", (conversation_id,))
+        return row.fetchone() is not None
 
     def ensure(self, conn: sqlite3.Connection, conversation_id: str, model: str | None) -> None:
         """Create the conversation if it does not exist (chat names ids the client chose)."""

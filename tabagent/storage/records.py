@@ -87,6 +87,15 @@ class Fact(BaseModel):
     created_at: float
 
 
+class Graph(BaseModel):
+    """What a traversal reached: the entities, the relations among them, and each entity's
+    distance in hops from the start (the start itself is 0)."""
+
+    entities: list[Entity] = Field(default_factory=list)
+    relations: list[Relation] = Field(default_factory=list)
+    distances: dict[int, int] = Field(default_factory=dict)
+
+
 class ToolResult(BaseModel):
     id: int
     conversation_id: str | None = None

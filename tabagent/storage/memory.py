@@ -1,0 +1,525 @@
+"""Memory: the seven databases behind one async interface (the in-process database client).
+
+Layout under the db path::
+
+    conversations.db  knowledge.db  tool_results.db  experience.db  summaries.db  meta.db
+    embeddings/lance/  (LanceDB tables, one per embedding model)
+    embeddings/index/  (hnswlib snapshots, a cache rebuilt from LanceDB when stale)
+
+Blocking work never runs on the event loop: writes go to the writer thread (group commit,
+acknowledged after COMMIT), reads to a small thread pool with a read-only connection each, and
+vectors move from each store's outbox to LanceDB on the sync thread. Opening runs the recovery
+pass: migrations, the index brought in step with LanceDB, every outbox entry replayed, and rows
+left behind by a cross-store delete swept.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import logging
+import sqlite3
+from collections.abc import Awaitable, Callable, Sequence
+from functools import partial
+from pathlib import Path
+from typing import Any, Protocol, TypeVar
+
+import numpy as np
+import numpy.typing as npt
+
+from tabagent.errors import BadRequest, Conflict, StorageError
+from tabagent.storage.backup import BackupInfo, backup
+from tabagent.storage.conversations import MIGRATIONS as CONVERSATIONS
+from tabagent.storage.conversations import ConversationStore
+from tabagent.storage.history import (
+    EXPERIENCE_MIGRATIONS,
+    SUMMARIES_MIGRATIONS,
+    TOOL_RESULTS_MIGRATIONS,
+    ExperienceStore,
+    SummaryStore,
+    ToolResultStore,
+)
+from tabagent.storage.knowledge import MIGRATIONS as KNOWLEDGE
+from tabagent.storage.knowledge import KnowledgeStore
+from tabagent.storage.lock import DatabaseLock
+from tabagent.storage.meta import MIGRATIONS as META
+from tabagent.storage.meta import MetaStore
+from tabagent.storage.records import (
+    Conversation,
+    Entity,
+    Episode,
+    Fact,
+    Graph,
+    Message,
+    NewMessage,
+    Relation,
+    SearchHit,
+    Summary,
+    ToolResult,
+)
+from tabagent.storage.search import QueryEngine, SearchQuery
+from tabagent.storage.sqlite import Database
+from tabagent.storage.sync import VectorSync
+from tabagent.storage.vectors import VectorStore
+from tabagent.storage.writer import Writer
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+STORES = (
+    "conversations",
+    "knowledge",
+    "embeddings",
+    "tool_results",
+    "experience",
+    "summaries",
+    "meta",
+)
+MAX_MESSAGES_PER_CALL = 1000
+
+
+class Embedder(Protocol):
+    """Turns texts into unit vectors (the ML worker's embedding model, in the server)."""
+
+    @property
+    def model(self) -> str: ...
+
+    def embed(self, texts: Sequence[str]) -> Awaitable[npt.NDArray[np.float32]]: ...
+
+
+class Memory:
+    def __init__(
+        self,
+        root: Path,
+        *,
+        embedder: Embedder | None = None,
+        durable: bool = False,
+        readers: int = 4,
+        sync_interval: float = 0.5,
+    ) -> None:
+        self.root = root
+        self.embedder = embedder
+        dbs = {
+            "conversations": CONVERSATIONS,
+            "knowledge": KNOWLEDGE,
+            "tool_results": TOOL_RESULTS_MIGRATIONS,
+            "experience": EXPERIENCE_MIGRATIONS,
+            "summaries": SUMMARIES_MIGRATIONS,
+            "meta": META,
+        }
+        self.dbs = {
+            name: Database(root / f"{name}.db", migrations, durable=durable, name=name)
+            for name, migrations in dbs.items()
+        }
+        self.conversations = ConversationStore(self.dbs["conversations"])
+        self.knowledge = KnowledgeStore(self.dbs["knowledge"])
+        self.tool_results = ToolResultStore(self.dbs["tool_results"])
+        self.experience = ExperienceStore(self.dbs["experience"])
+        self.summaries = SummaryStore(self.dbs["summaries"])
+        self.meta = MetaStore(self.dbs["meta"])
+        self.vectors = VectorStore(root / "embeddings")
+        self.engine = QueryEngine(
+            self.conversations, self.knowledge, self.summaries, self.experience, self.vectors
+        )
+        self._sync: VectorSync | None = None
+        self.writer = Writer(on_commit=self._committed)
+        self._pool = concurrent.futures.ThreadPoolExecutor(readers, "tabagent-db-read")
+        self._sync_interval = sync_interval
+        self._lock = DatabaseLock(root)
+        self._open = False
+
+    # -- lifecycle --------------------------------------------------------------------------
+
+    async def open(self) -> None:
+        await asyncio.get_running_loop().run_in_executor(self._pool, self.open_sync)
+
+    def open_sync(self) -> None:
+        """Open every store and run the recovery pass (blocking)."""
+        if not self._lock.acquire():
+            pid = self._lock.holder()
+            raise Conflict(
+                f"the databases at {self.root} are in use by another TabAgent process"
+                + (f" (pid {pid})" if pid else ""),
+                code="database_in_use",
+            )
+        try:
+            self.root.mkdir(parents=True, exist_ok=True)
+            versions = {name: db.open() for name, db in self.dbs.items()}
+            self.vectors.open()
+        except BaseException:
+            for db in self.dbs.values():
+                db.close()
+            self._lock.release()
+            raise
+        self.writer.start()
+        meta = self.dbs["meta"]
+
+        def record(conn: sqlite3.Connection) -> None:
+            for name, version in versions.items():
+                self.meta.record_schema(conn, name, version)
+
+        self.writer.run(meta, record)
+        self._sync = VectorSync(
+            self.vectors,
+            [self.dbs["conversations"], self.dbs["knowledge"], self.dbs["summaries"]],
+            self.writer,
+            interval=self._sync_interval,
+        )
+        replayed = self._sync.flush()
+        swept = self._sweep()
+        if replayed or swept:
+            log.info("recovery: %d vector entries replayed, %d orphan rows swept", replayed, swept)
+        self._sync.start()
+        self._open = True
+
+    async def close(self) -> None:
+        await asyncio.get_running_loop().run_in_executor(None, self.close_sync)
+
+    def close_sync(self) -> None:
+        if self._sync is not None:
+            self._sync.stop()
+        self.writer.close()
+        self.vectors.close()
+        for db in self.dbs.values():
+            db.close()
+        self._pool.shutdown(wait=True)
+        self._lock.release()
+        self._open = False
+
+    @property
+    def sync(self) -> VectorSync:
+        if self._sync is None:
+            raise StorageError("the memory store is not open", code="storage_closed")
+        return self._sync
+
+    @property
+    def versions(self) -> dict[str, int]:
+        """The schema version of each store this build knows."""
+        return {name: db.version for name, db in self.dbs.items()}
+
+    def _committed(self, db: Database) -> None:
+        if self._sync is not None:
+            self._sync.notify(db)
+
+    def _sweep(self) -> int:
+        """Summaries of deleted conversations (a delete spans two databases)."""
+        known = {
+            r[0] for r in self.dbs["conversations"].reader().execute("SELECT id FROM conversations")
+        }
+        orphans = [
+            r[0]
+            for r in self.dbs["summaries"]
+            .reader()
+            .execute("SELECT DISTINCT conversation_id FROM summaries WHERE period = 'conversation'")
+            if r[0] is not None and r[0] not in known
+        ]
+        for cid in orphans:
+            self.writer.run(
+                self.dbs["summaries"],
+                partial(self.summaries.delete_conversation, conversation_id=cid),
+            )
+        return len(orphans)
+
+    # -- plumbing ---------------------------------------------------------------------------
+
+    async def _read(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+        if not self._open:
+            raise StorageError("the memory store is not open", code="storage_closed")
+        return await asyncio.get_running_loop().run_in_executor(
+            self._pool, partial(fn, *args, **kwargs)
+        )
+
+    async def _write(self, store: str, fn: Callable[[sqlite3.Connection], T]) -> T:
+        if not self._open:
+            raise StorageError("the memory store is not open", code="storage_closed")
+        return await asyncio.wrap_future(self.writer.submit(self.dbs[store], fn))
+
+    async def _embed(
+        self, texts: Sequence[str]
+    ) -> tuple[npt.NDArray[np.float32] | None, str | None]:
+        if self.embedder is None or not texts:
+            return None, None
+        vectors = await self.embedder.embed(texts)
+        return vectors, self.embedder.model
+
+    # -- conversations ----------------------------------------------------------------------
+
+    async def create_conversation(
+        self,
+        *,
+        conversation_id: str | None = None,
+        title: str = "",
+        model: str | None = None,
+        tags: Sequence[str] = (),
+        metadata: dict[str, Any] | None = None,
+    ) -> Conversation:
+        return await self._write(
+            "conversations",
+            partial(
+                self.conversations.create,
+                conversation_id=conversation_id,
+                title=title,
+                model=model,
+                tags=tags,
+                metadata=metadata,
+            ),
+        )
+
+    async def list_conversations(
+        self, *, limit: int = 50, before: float | None = None, tag: str | None = None
+    ) -> list[Conversation]:
+        return await self._read(self.conversations.recent, limit=limit, before=before, tag=tag)
+
+    async def get_conversation(self, conversation_id: str) -> Conversation:
+        return await self._read(self.conversations.get, conversation_id)
+
+    async def update_conversation(
+        self,
+        conversation_id: str,
+        *,
+        title: str | None = None,
+        tags: Sequence[str] | None = None,
+        metadata: dict[str, Any] | None = None,
+    ) -> Conversation:
+        await self._write(
+            "conversations",
+            partial(
+                self.conversations.update,
+                conversation_id=conversation_id,
+                title=title,
+                tags=tags,
+                metadata=metadata,
+            ),
+        )
+        return await self.get_conversation(conversation_id)
+
+    async def delete_conversation(self, conversation_id: str) -> int:
+        """Delete a conversation, its messages, their vectors and its summaries."""
+        count = await self._write(
+            "conversations", partial(self.conversations.delete, conversation_id=conversation_id)
+        )
+        await self._write(
+            "summaries",
+            partial(self.summaries.delete_conversation, conversation_id=conversation_id),
+        )
+        return count
+
+    async def add_messages(
+        self,
+        conversation_id: str,
+        messages: Sequence[NewMessage],
+        *,
+        create: bool = True,
+        embed: bool = True,
+    ) -> list[Message]:
+        """Append messages; with an embedder, their vectors are stored in the same commit."""
+        if not 1 <= len(messages) <= MAX_MESSAGES_PER_CALL:
+            raise BadRequest(f"give 1 to {MAX_MESSAGES_PER_CALL} messages", param="messages")
+        vectors, model = await self._embed([m.content for m in messages]) if embed else (None, None)
+
+        def write(conn: sqlite3.Connection) -> list[Message]:
+            if create:
+                self.conversations.ensure(conn, conversation_id, messages[0].model)
+            return self.conversations.append(conn, conversation_id, messages, vectors, model)
+
+        return await self._write("conversations", write)
+
+    async def messages(
+        self, conversation_id: str, *, limit: int = 1000, after_id: int = 0, newest: bool = False
+    ) -> list[Message]:
+        return await self._read(
+            self.conversations.messages, conversation_id, limit=limit, after_id=after_id,
+            newest=newest,
+        )  # fmt: skip
+
+    async def message(self, message_id: int) -> Message:
+        return await self._read(self.conversations.message, message_id)
+
+    # -- search -----------------------------------------------------------------------------
+
+    async def search(self, query: SearchQuery) -> list[SearchHit]:
+        vector, model = None, None
+        if query.mode != "keyword" and self.embedder is not None:
+            vectors, model = await self._embed([query.text])
+            vector = None if vectors is None else vectors[0]
+        return await self._read(self._search, query, vector, model)
+
+    def _search(
+        self, query: SearchQuery, vector: npt.NDArray[np.float32] | None, model: str | None
+    ) -> list[SearchHit]:
+        if vector is not None and self._sync is not None:
+            self._sync.flush()  # read your own writes: vectors still in an outbox move now
+        return self.engine.search(query, vector, model)
+
+    # -- knowledge --------------------------------------------------------------------------
+
+    async def upsert_entity(
+        self,
+        name: str,
+        *,
+        type: str = "thing",
+        aliases: Sequence[str] = (),
+        attributes: dict[str, Any] | None = None,
+        provenance: str | None = None,
+    ) -> Entity:
+        return await self._write(
+            "knowledge",
+            partial(
+                self.knowledge.upsert_entity,
+                name=name,
+                type=type,
+                aliases=aliases,
+                attributes=attributes,
+                provenance=provenance,
+            ),
+        )
+
+    async def add_relation(
+        self,
+        source_id: int,
+        relation: str,
+        target_id: int,
+        *,
+        weight: float = 1.0,
+        provenance: str | None = None,
+    ) -> Relation:
+        return await self._write(
+            "knowledge",
+            partial(
+                self.knowledge.add_relation,
+                source_id=source_id,
+                relation=relation,
+                target_id=target_id,
+                weight=weight,
+                provenance=provenance,
+            ),
+        )
+
+    async def add_fact(
+        self,
+        text: str,
+        *,
+        entity_ids: Sequence[int] = (),
+        confidence: float = 1.0,
+        provenance: str | None = None,
+        embed: bool = True,
+    ) -> Fact:
+        vectors, model = await self._embed([text]) if embed else (None, None)
+        return await self._write(
+            "knowledge",
+            partial(
+                self.knowledge.add_fact,
+                text=text,
+                entity_ids=entity_ids,
+                confidence=confidence,
+                provenance=provenance,
+                vector=None if vectors is None else vectors[0],
+                embedding_model=model,
+            ),
+        )
+
+    async def entity(self, entity_id: int) -> Entity:
+        return await self._read(self.knowledge.entity, entity_id)
+
+    async def entities(
+        self, *, limit: int = 100, type: str | None = None, query: str | None = None
+    ) -> list[Entity]:
+        return await self._read(self.knowledge.entities, limit=limit, type=type, query=query)
+
+    async def facts(self, *, entity_id: int | None = None, limit: int = 100) -> list[Fact]:
+        return await self._read(self.knowledge.facts, entity_id=entity_id, limit=limit)
+
+    async def traverse(
+        self,
+        start_id: int,
+        *,
+        hops: int = 2,
+        relations: Sequence[str] = (),
+        direction: str = "both",
+        limit: int = 500,
+    ) -> Graph:
+        return await self._read(
+            self.knowledge.traverse, start_id, hops=hops, relations=relations,
+            direction=direction, limit=limit,
+        )  # fmt: skip
+
+    async def consolidate(self) -> list[tuple[int, int]]:
+        return await self._write("knowledge", self.knowledge.consolidate)
+
+    # -- tool results, experience, summaries ------------------------------------------------
+
+    async def record_tool_result(self, **fields: Any) -> ToolResult:
+        return await self._write("tool_results", partial(self.tool_results.record, **fields))
+
+    async def tool_result_list(self, **filters: Any) -> list[ToolResult]:
+        return await self._read(self.tool_results.recent, **filters)
+
+    async def record_episode(self, **fields: Any) -> Episode:
+        return await self._write("experience", partial(self.experience.record, **fields))
+
+    async def episodes(self, **filters: Any) -> list[Episode]:
+        return await self._read(self.experience.recent, **filters)
+
+    async def add_summary(
+        self,
+        text: str,
+        *,
+        conversation_id: str | None = None,
+        period: str = "conversation",
+        covers_to_message_id: int | None = None,
+        embed: bool = True,
+    ) -> Summary:
+        vectors, model = await self._embed([text]) if embed else (None, None)
+        return await self._write(
+            "summaries",
+            partial(
+                self.summaries.add,
+                text=text,
+                conversation_id=conversation_id,
+                period=period,
+                covers_to_message_id=covers_to_message_id,
+                vector=None if vectors is None else vectors[0],
+                embedding_model=model,
+            ),
+        )
+
+    async def latest_summary(self, conversation_id: str) -> Summary | None:
+        return await self._read(self.summaries.latest, conversation_id)
+
+    # -- maintenance ------------------------------------------------------------------------
+
+    async def stats(self) -> dict[str, dict[str, Any]]:
+        return await self._read(self.stats_sync)
+
+    def stats_sync(self) -> dict[str, dict[str, Any]]:
+        out: dict[str, dict[str, Any]] = {
+            "conversations": self.conversations.stats(),
+            "knowledge": self.knowledge.stats(),
+            "tool_results": self.tool_results.stats(),
+            "experience": self.experience.stats(),
+            "summaries": self.summaries.stats(),
+            "embeddings": {
+                "vectors": self.vectors.count(),
+                "models": {m: self.vectors.count(m) for m in self.vectors.models()},
+            },
+            "meta": {"schema_versions": self.meta.schema_versions()},
+        }
+        for name, db in self.dbs.items():
+            out[name]["bytes"] = sum(
+                p.stat().st_size for p in db.path.parent.glob(f"{db.path.name}*") if p.is_file()
+            )
+        out["embeddings"]["bytes"] = sum(
+            p.stat().st_size for p in self.vectors.root.rglob("*") if p.is_file()
+        )
+        return out
+
+    async def backup(self, target: Path) -> BackupInfo:
+        """One consistent archive of all seven stores, taken while writes go on."""
+        if not self._open:
+            raise StorageError("the memory store is not open", code="storage_closed")
+        return await asyncio.get_running_loop().run_in_executor(None, backup, self, target)
+
+    def flush_vectors(self) -> int:
+        """Move pending vectors now (blocking); tests and backup use it."""
+        return self._sync.flush() if self._sync is not None else 0
