@@ -20,6 +20,7 @@ BENCHMARKS = {
     "grpc": ("bench.grpc_rtt", "unary gRPC round trip main <-> ML worker"),
     "downloads": ("bench.downloads", "model downloads: ours vs hf_hub_download, resume after kill"),
     "embeddings": ("bench.embeddings", "embeddings sentences/s: HTTP vs onnxruntime direct"),
+    "vectors": ("bench.vectors", "hnswlib recall and speed vs numpy brute force and LanceDB"),
 }
 
 
