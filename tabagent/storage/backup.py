@@ -183,6 +183,8 @@ def verify(archive: Path, into: Path, known_versions: dict[str, int]) -> dict[st
         seen: set[str] = set()
         try:
             for member in tar:
+                if member is first:
+                    continue
                 rel = _member_path(member.name)
                 key = rel.as_posix()
                 if not member.isfile() or key not in expected:
