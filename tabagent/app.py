@@ -243,7 +243,7 @@ def build_app(
     if settings.memory:
         app.cleanup_ctx.append(_memory_component(state, build_memory(settings, state.ml)))
     else:
-        state.components.set("memory", "off", "started with --no-memory")
+        state.components.set("memory", "off", "started with --memory false")
     app.cleanup_ctx.append(_http_component(state))
 
     mount_operations(app, registry, settings.max_body_bytes)

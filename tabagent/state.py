@@ -77,7 +77,7 @@ class AppState:
     def require_memory(self) -> Memory:
         if self.memory is None:
             raise ServiceUnavailable(
-                "memory is off in this server (started with --no-memory)", code="memory_disabled"
+                "memory is off in this server (started with --memory false)", code="memory_disabled"
             )
         return self.memory
 

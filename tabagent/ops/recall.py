@@ -19,7 +19,9 @@ When a chat request names a conversation, :func:`prepare` decides what the model
 
 from __future__ import annotations
 
+import hashlib
 import logging
+from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
@@ -73,15 +75,27 @@ def overlap(stored: list[Turn], incoming: list[Turn]) -> int:
     return 0
 
 
+_counted: OrderedDict[tuple[str, str], int] = OrderedDict()  # (model, sha1 of text) -> tokens
+_COUNTED_MAX = 20_000
+
+
 async def count_tokens(ml: MLServices, model_id: str, texts: list[str], rid: str) -> list[int]:
+    """Token counts with the model's own tokenizer; a turn is counted once, then remembered
+    (a long conversation would otherwise cost one RPC per turn on every request)."""
     counts = []
-    for text in texts:  # one short RPC each; the worker serialises them anyway
-        reply = await ml.supervisor.unary(
-            "Tokenize",
-            pb.TokenizeRequest(model_id=model_id, text=text, add_special=False),
-            rid, 60.0, "tokenize",
-        )  # fmt: skip
-        counts.append(len(reply.tokens))
+    for text in texts:
+        key = (model_id, hashlib.sha1(text.encode()).hexdigest())
+        n = _counted.get(key)
+        if n is None:
+            reply = await ml.supervisor.unary(
+                "Tokenize",
+                pb.TokenizeRequest(model_id=model_id, text=text, add_special=False),
+                rid, 60.0, "tokenize",
+            )  # fmt: skip
+            n = _counted[key] = len(reply.tokens)
+            if len(_counted) > _COUNTED_MAX:
+                _counted.popitem(last=False)
+        counts.append(n)
     return counts
 
 
