@@ -203,3 +203,20 @@ def test_backup_over_http_restores_with_the_cli(
     )  # fmt: skip
     assert busy.returncode == 1
     assert "in use" in busy.stderr
+
+
+def test_remember_extracts_knowledge_through_the_chat_model_or_the_rules(
+    server: RunningServer,
+) -> None:
+    status, out = post_json(
+        f"{server.base_url}/v1/memory/remember",
+        {"text": "I live in Porto and I work at Acme.", "use_llm": True, "provenance": "user"},
+    )
+    assert status == 200, out
+    assert out["method"] in ("llm", "rules")  # the 135M model's JSON is often unusable
+    names = {e["name"] for e in out["entities"]}
+    assert {"Porto", "Acme"} <= names
+    relations = {r["relation"] for r in out["relations"]}
+    assert {"lives_in", "works_at"} <= relations
+    assert out["facts"]
+    assert post_json(f"{server.base_url}/v1/memory/remember", {"text": ""})[0] == 422
