@@ -21,6 +21,7 @@ BENCHMARKS = {
     "downloads": ("bench.downloads", "model downloads: ours vs hf_hub_download, resume after kill"),
     "embeddings": ("bench.embeddings", "embeddings sentences/s: HTTP vs onnxruntime direct"),
     "vectors": ("bench.vectors", "hnswlib recall and speed vs numpy brute force and LanceDB"),
+    "memory": ("bench.memory", "memory writes/reads/hybrid search vs raw sqlite3"),
 }
 
 
