@@ -114,7 +114,9 @@ class QueryEngine:
                 model,
                 query_vector,
                 depth,
-                kinds=kinds,
+                # a kind filter calls back into Python at every visited node: skip it when
+                # every kind that has vectors is wanted
+                kinds=None if set(kinds) == set(_VECTOR_KINDS) else kinds,
                 allowed=None if allowed_messages is None else allowed,
             )
             per_source: dict[Source, list[int]] = {}
@@ -122,6 +124,8 @@ class QueryEngine:
                 if similarity < q.min_similarity:
                     continue
                 kind, row_id = label_parts(label)
+                if kind not in _VECTOR_KINDS:
+                    continue
                 per_source.setdefault(_VECTOR_KINDS[kind], []).append(row_id)
             for source, ids in per_source.items():
                 take(source, ids, "vector")
@@ -153,6 +157,14 @@ class QueryEngine:
     def _hits(
         self, candidates: dict[tuple[Source, int], _Candidate], q: SearchQuery
     ) -> list[SearchHit]:
+        if (
+            q.recency_half_life_days is None
+            and q.since is None
+            and q.until is None
+            and (q.conversation_id is None)
+        ):  # the order is final: load only the k best instead of every candidate
+            best = sorted(candidates.values(), key=lambda c: c.score, reverse=True)[: q.k]
+            candidates = {(c.source, c.id): c for c in best}
         by_source: dict[Source, list[int]] = {}
         for source, row_id in candidates:
             by_source.setdefault(source, []).append(row_id)
