@@ -175,11 +175,19 @@ def build_memory(settings: Settings, ml: MLServices | None) -> Memory:
 
 
 def _memory_component(
-    state: AppState, memory: Memory
+    state: AppState, memory: Memory, *, required: bool
 ) -> Callable[[web.Application], AsyncIterator[None]]:
     async def lifetime(app: web.Application) -> AsyncIterator[None]:
         state.components.set("memory", "starting")
-        await memory.open()
+        try:
+            await memory.open()
+        except TabAgentError as exc:
+            if required or exc.code != "database_in_use":
+                raise
+            # `--get` beside a running server: answer without memory rather than fail
+            state.components.set("memory", "unavailable", exc.message)
+            yield
+            return
         state.memory = memory
         state.components.set("memory", "ok", str(memory.root))
         yield
@@ -205,8 +213,12 @@ def build_app(
     mode: str | None = None,
     registry: Registry | None = None,
     transports: Transports | None = None,
+    memory_required: bool = True,
 ) -> web.Application:
-    """The aiohttp application for ``settings``: operations, docs, metrics, web UI, security."""
+    """The aiohttp application for ``settings``: operations, docs, metrics, web UI, security.
+
+    ``memory_required=False`` lets it start without memory when another process holds the
+    databases (the one-request ``--get`` smoke path)."""
     mode = mode or settings.mode
     transports = transports or Transports.for_mode(mode)
     registry = registry or default_registry()
@@ -241,7 +253,9 @@ def build_app(
         state.ml = build_ml(settings, state, state.metrics.registry)
         app.cleanup_ctx.append(_ml_component(state.ml))
     if settings.memory:
-        app.cleanup_ctx.append(_memory_component(state, build_memory(settings, state.ml)))
+        app.cleanup_ctx.append(
+            _memory_component(state, build_memory(settings, state.ml), required=memory_required)
+        )
     else:
         state.components.set("memory", "off", "started with --memory false")
     app.cleanup_ctx.append(_http_component(state))
@@ -270,7 +284,11 @@ async def _start_site(app: web.Application, settings: Settings) -> tuple[web.App
     runner = web.AppRunner(
         app, handle_signals=False, access_log=None, shutdown_timeout=settings.shutdown_timeout
     )
-    await runner.setup()
+    try:
+        await runner.setup()
+    except TabAgentError as exc:  # a component could not start (databases in use, say)
+        await runner.cleanup()
+        raise StartupError(exc.message) from None
     site = web.TCPSite(runner, settings.host, settings.port)
     try:
         await site.start()
@@ -323,7 +341,7 @@ async def serve(settings: Settings, transports: Transports) -> None:
 async def get_once(settings: Settings, path: str) -> tuple[int, bytes]:
     """Serve one GET in-process on an ephemeral loopback port and return (status, body)."""
     settings = settings.model_copy(update={"host": "127.0.0.1", "port": 0})
-    app = build_app(settings, mode="http")
+    app = build_app(settings, mode="http", memory_required=False)
     runner, port = await _start_site(app, settings)
     ml = app[STATE].ml
     if ml is not None:  # the smoke test covers the worker too: wait until it is up (or failed)

@@ -171,3 +171,15 @@ def test_all_mode_from_a_terminal_serves_http_without_native(isolated_home: Path
         assert info["transports"] == ["http"]
         _, body = http_get(f"{server.base_url}/v1/health")
         assert "native" not in json.loads(body)["components"]
+
+
+def test_a_second_server_on_the_same_databases_refuses_cleanly_and_get_still_answers() -> None:
+    env = {"TABAGENT_ML_WORKER": "false"}
+    with running_server(("--mode", "http"), env=env):
+        second = run_cli("--mode", "http", "--port", str(free_port()), env=env)
+        assert second.returncode != 0
+        assert "in use by another TabAgent process" in second.stderr
+        assert "Traceback" not in second.stderr
+        smoke = run_cli("--get", "/v1/health", env=env)
+        assert smoke.returncode == 0, smoke.stderr
+        assert json.loads(smoke.stdout)["components"]["memory"]["state"] == "unavailable"
