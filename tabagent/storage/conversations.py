@@ -20,7 +20,7 @@ import numpy.typing as npt
 
 from tabagent.errors import Conflict, NotFound
 from tabagent.storage import outbox
-from tabagent.storage.fts import match_expression
+from tabagent.storage.fts import match_expression, ranked
 from tabagent.storage.records import Conversation, Message, NewMessage, vector_label
 from tabagent.storage.sqlite import Database
 
@@ -247,14 +247,6 @@ class ConversationStore:
         ).fetchone()[0]
         return _conversation(row, count)
 
-    def exists(self, conversation_id: str) -> bool:
-        row = (
-            self.db.reader()
-            .execute("SELECT 1 FROM conversations WHERE id = ?", (conversation_id,))
-            .fetchone()
-        )
-        return row is not None
-
     def recent(
         self, *, limit: int = 50, before: float | None = None, tag: str | None = None
     ) -> list[Conversation]:
@@ -336,16 +328,7 @@ class ConversationStore:
         args: list[Any] = [expr]
         where_m, args_m = message_filters(conversation_id, roles, since, until, tags)
         if not where_m:  # FTS5's own rank order, no join: about 1.5x faster
-            rows = (
-                self.db.reader()
-                .execute(
-                    "SELECT rowid, -rank FROM messages_fts WHERE messages_fts MATCH ?"
-                    " ORDER BY rank LIMIT ?",
-                    (expr, limit),
-                )
-                .fetchall()
-            )
-            return [(r[0], r[1]) for r in rows]
+            return ranked(self.db.reader(), "messages_fts", query, limit)
         sql = (
             "SELECT m.id, -bm25(messages_fts) AS score FROM messages_fts"
             " JOIN messages m ON m.id = messages_fts.rowid"

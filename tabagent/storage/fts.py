@@ -9,6 +9,7 @@ Common function words are dropped unless nothing else is left.
 from __future__ import annotations
 
 import re
+import sqlite3
 
 _WORD = re.compile(r"\w+", re.UNICODE)
 _MAX_TERMS = 32
@@ -91,6 +92,19 @@ def terms(text: str) -> list[str]:
     for word in chosen:
         seen.setdefault(word, None)
     return list(seen)[:_MAX_TERMS]
+
+
+def ranked(conn: sqlite3.Connection, table: str, text: str, limit: int) -> list[tuple[int, float]]:
+    """(rowid, score: higher is better) of an FTS5 ``table``, best first, by FTS5's own
+    ``rank`` (BM25), which lets it stop early instead of scoring twice."""
+    expr = match_expression(text)
+    if expr is None:
+        return []
+    rows = conn.execute(
+        f"SELECT rowid, -rank FROM {table} WHERE {table} MATCH ? ORDER BY rank LIMIT ?",
+        (expr, limit),
+    ).fetchall()
+    return [(r[0], r[1]) for r in rows]
 
 
 def match_expression(text: str) -> str | None:

@@ -20,7 +20,7 @@ import numpy.typing as npt
 
 from tabagent.errors import NotFound
 from tabagent.storage import outbox
-from tabagent.storage.fts import match_expression
+from tabagent.storage.fts import ranked
 from tabagent.storage.records import Episode, Summary, ToolResult, vector_label
 from tabagent.storage.sqlite import Database
 
@@ -99,22 +99,6 @@ SUMMARIES_MIGRATIONS = (
     + outbox.OUTBOX_TABLE
     + outbox.delete_trigger("summaries", "summary"),
 )
-
-
-def _keyword(db: Database, table: str, query: str, limit: int) -> list[tuple[int, float]]:
-    expr = match_expression(query)
-    if expr is None:
-        return []
-    rows = (
-        db.reader()
-        .execute(
-            f"SELECT rowid, -bm25({table}_fts) FROM {table}_fts WHERE {table}_fts MATCH ?"
-            f" ORDER BY bm25({table}_fts) LIMIT ?",
-            (expr, limit),
-        )
-        .fetchall()
-    )
-    return [(r[0], r[1]) for r in rows]
 
 
 class ToolResultStore:
@@ -254,7 +238,7 @@ class ExperienceStore:
         return {r["id"]: Episode(**dict(r)) for r in rows}
 
     def keyword_search(self, query: str, limit: int = 20) -> list[tuple[int, float]]:
-        return _keyword(self.db, "episodes", query, limit)
+        return ranked(self.db.reader(), "episodes_fts", query, limit)
 
     def stats(self) -> dict[str, int]:
         conn = self.db.reader()
@@ -332,7 +316,7 @@ class SummaryStore:
         conn.execute("DELETE FROM summaries WHERE conversation_id = ?", (conversation_id,))
 
     def keyword_search(self, query: str, limit: int = 20) -> list[tuple[int, float]]:
-        return _keyword(self.db, "summaries", query, limit)
+        return ranked(self.db.reader(), "summaries_fts", query, limit)
 
     def stats(self) -> dict[str, int]:
         conn = self.db.reader()

@@ -41,7 +41,7 @@ import numpy.typing as npt
 
 from tabagent.errors import BadRequest, NotFound
 from tabagent.storage import outbox
-from tabagent.storage.fts import match_expression
+from tabagent.storage.fts import ranked
 from tabagent.storage.graph import GraphMixin
 from tabagent.storage.knowledge_rows import (
     _ENTITY_COLUMNS,
@@ -469,19 +469,7 @@ class KnowledgeStore(GraphMixin):
 
     def keyword_search(self, query: str, limit: int = 20) -> list[tuple[int, float]]:
         """(fact id, -bm25: higher is better), best first."""
-        expr = match_expression(query)
-        if expr is None:
-            return []
-        rows = (
-            self.db.reader()
-            .execute(
-                "SELECT rowid, -bm25(facts_fts) FROM facts_fts WHERE facts_fts MATCH ?"
-                " ORDER BY bm25(facts_fts) LIMIT ?",
-                (expr, limit),
-            )
-            .fetchall()
-        )
-        return [(r[0], r[1]) for r in rows]
+        return ranked(self.db.reader(), "facts_fts", query, limit)
 
     def stats(self) -> dict[str, int]:
         conn = self.db.reader()

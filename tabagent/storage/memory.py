@@ -519,7 +519,3 @@ class Memory:
         if not self._open:
             raise StorageError("the memory store is not open", code="storage_closed")
         return await asyncio.get_running_loop().run_in_executor(None, backup, self, target)
-
-    def flush_vectors(self) -> int:
-        """Move pending vectors now (blocking); tests and backup use it."""
-        return self._sync.flush() if self._sync is not None else 0
