@@ -22,12 +22,14 @@ from aiohttp import web
 
 from tabagent import __version__
 from tabagent.api.docs import ASSETS_PREFIX, add_docs_routes, add_web_ui
+from tabagent.api.envelope_ws import add_envelope_route
 from tabagent.api.keys import OPENAPI, STATE
 from tabagent.api.middleware import SecurityPolicy, gateway
 from tabagent.api.openai import mount_custom
 from tabagent.api.openapi import build_openapi
 from tabagent.api.routes import mount_operations
 from tabagent.config import Settings
+from tabagent.discovery import ServerInfo, publish
 from tabagent.errors import TabAgentError
 from tabagent.metrics import CONTENT_TYPE, Metrics
 from tabagent.ops import default_registry
@@ -41,6 +43,7 @@ if TYPE_CHECKING:
     from tabagent.ml.services import MLServices
     from tabagent.models.downloader import Counters
     from tabagent.models.service import ModelService
+    from tabagent.native_messaging.stdio import StdioChannel
     from tabagent.storage.memory import Memory
 
 log = logging.getLogger(__name__)
@@ -67,7 +70,6 @@ class Transports:
 # start rather than pretend (see README, "Modes").
 UNAVAILABLE_TRANSPORTS = {
     "webrtc": "WebRTC signaling is not implemented in this build yet",
-    "native": "native messaging is not implemented in this build yet",
 }
 
 
@@ -222,7 +224,7 @@ def build_app(
     mode = mode or settings.mode
     transports = transports or Transports.for_mode(mode)
     registry = registry or default_registry()
-    live = [name for name in ("http",) if getattr(transports, name)]
+    live = [name for name in ("http", "native") if getattr(transports, name)]
     state = AppState(
         settings=settings,
         registry=registry,
@@ -258,13 +260,17 @@ def build_app(
         )
     else:
         state.components.set("memory", "off", "started with --memory false")
-    app.cleanup_ctx.append(_http_component(state))
+    if transports.http:
+        app.cleanup_ctx.append(_http_component(state))
 
-    mount_operations(app, registry, settings.max_body_bytes)
-    mount_custom(app, registry, settings.max_body_bytes)
-    app.router.add_get("/metrics", _metrics, name="metrics")
-    add_docs_routes(app)
-    add_web_ui(app)  # last: its catch-all route must not shadow the API
+    # native hosts of this user that find this server in the run directory relay to it here
+    add_envelope_route(app, state.run_token, settings.max_body_bytes)
+    if transports.http:
+        mount_operations(app, registry, settings.max_body_bytes)
+        mount_custom(app, registry, settings.max_body_bytes)
+        app.router.add_get("/metrics", _metrics, name="metrics")
+        add_docs_routes(app)
+        add_web_ui(app)  # last: its catch-all route must not shadow the API
     return app
 
 
@@ -305,11 +311,33 @@ async def _start_site(app: web.Application, settings: Settings) -> tuple[web.App
     return runner, port
 
 
-async def serve(settings: Settings, transports: Transports) -> None:
-    """Run until SIGINT/SIGTERM, then drain in-flight requests and stop components in reverse."""
+def _loopback_url(host: str, port: int) -> str:
+    if host in ("0.0.0.0", "", "::") or host.startswith("127.") or host == "localhost":
+        return f"http://127.0.0.1:{port}"
+    return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
+
+
+async def serve(
+    settings: Settings, transports: Transports, *, native_channel: StdioChannel | None = None
+) -> None:
+    """Run until SIGINT/SIGTERM (or, serving native messaging, until the browser hangs up),
+    then drain in-flight requests and stop components in reverse."""
+    if not transports.http:  # native only: a private loopback port for other hosts to relay to
+        settings = settings.model_copy(update={"host": "127.0.0.1", "port": 0})
     check_bind_safety(settings)
     app = build_app(settings, transports=transports)
     runner, port = await _start_site(app, settings)
+    state = app[STATE]
+    publication = publish(
+        settings.run_dir,
+        ServerInfo(
+            url=_loopback_url(settings.host, port),
+            token=state.run_token,
+            pid=os.getpid(),
+            version=__version__,
+            mode=state.mode,
+        ),
+    )
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
@@ -317,22 +345,43 @@ async def serve(settings: Settings, transports: Transports) -> None:
             loop.add_signal_handler(sig, stop.set)
         except (NotImplementedError, RuntimeError):  # Windows' proactor loop
             signal.signal(sig, lambda *_: loop.call_soon_threadsafe(stop.set))
-    state = app[STATE]
-    shown_host = f"[{settings.host}]" if ":" in settings.host else settings.host
-    unavailable = [n for n, s in state.components.snapshot().items() if s.state == "unavailable"]
-    log.info(
-        "TabAgent %s listening on http://%s:%d (mode %s; live: %s%s)",
-        __version__,
-        shown_host,
-        port,
-        state.mode,
-        ", ".join(state.transports) or "none",
-        f"; not yet available: {', '.join(unavailable)}" if unavailable else "",
-    )
-    log.info("API docs at http://%s:%d/api-doc", shown_host, port)
+    native: asyncio.Task[None] | None = None
+    session = None
+    if native_channel is not None:
+        from tabagent.native_messaging.host import pump
+        from tabagent.ops.envelope import EnvelopeSession
+
+        session = EnvelopeSession(
+            state, native_channel.send, transport="native", hello={"mode": "in-process"}
+        )
+        native = asyncio.create_task(pump(native_channel, session))
+        native.add_done_callback(lambda _: stop.set())
+    if transports.http:
+        shown_host = f"[{settings.host}]" if ":" in settings.host else settings.host
+        unavailable = [
+            n for n, s in state.components.snapshot().items() if s.state == "unavailable"
+        ]
+        log.info(
+            "TabAgent %s listening on http://%s:%d (mode %s; live: %s%s)",
+            __version__,
+            shown_host,
+            port,
+            state.mode,
+            ", ".join(state.transports) or "none",
+            f"; not yet available: {', '.join(unavailable)}" if unavailable else "",
+        )
+        log.info("API docs at http://%s:%d/api-doc", shown_host, port)
+    else:
+        log.info("TabAgent %s serving native messaging (relay port %d)", __version__, port)
     try:
         await stop.wait()
     finally:
+        if publication is not None:
+            publication.withdraw()
+        if native is not None and session is not None:
+            native.cancel()
+            await asyncio.gather(native, return_exceptions=True)
+            await session.close()
         log.info("shutting down (in-flight requests get %.0f s)", settings.shutdown_timeout)
         await runner.cleanup()
         log.info("stopped")

@@ -26,6 +26,7 @@ from tabagent.config import Settings, SettingsError, describe, env_name, flag_na
 
 PROG = "tabagent-server"
 BROWSER_ORIGIN_PREFIX = "chrome-extension://"
+NATIVE_LOG_FILE = "tabagent-native.log"  # hosts log apart from the server they may relay to
 
 
 def _fail(message: str, code: int = 1) -> NoReturn:
@@ -91,7 +92,10 @@ def cli(ctx: click.Context, /, get_path: str | None, **flags: Any) -> None:
     if ctx.invoked_subcommand is not None:
         return
     settings, _ = _settings(flags)
-    logs.configure(settings.log_level, settings.log_dir)
+    native = settings.mode == "native"
+    logs.configure(
+        settings.log_level, settings.log_dir, NATIVE_LOG_FILE if native else logs.LOG_FILE_NAME
+    )
     if get_path is not None:
         if not get_path.startswith("/"):
             _fail("--get takes a path that starts with '/', e.g. /v1/health", 2)
@@ -107,9 +111,16 @@ def cli(ctx: click.Context, /, get_path: str | None, **flags: Any) -> None:
 
 def _run_server(settings: Settings, transports: Transports) -> None:
     wanted = [name for name in ("http", "webrtc", "native") if getattr(transports, name)]
-    if not transports.http:
+    if not transports.http and not transports.native:
         missing = [UNAVAILABLE_TRANSPORTS[n] for n in wanted if n in UNAVAILABLE_TRANSPORTS]
         _fail(f"mode {settings.mode!r} cannot run: " + "; ".join(missing), 2)
+    if transports.native and not transports.http:
+        from tabagent.native_messaging.host import run_native
+
+        try:
+            sys.exit(asyncio.run(run_native(settings)))
+        except KeyboardInterrupt:
+            sys.exit(0)
     try:
         asyncio.run(serve(settings, transports))
     except StartupError as exc:
@@ -187,7 +198,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     if origin is not None:
         # Native mode without any flag. stdout is reserved for frames: report on stderr only.
         settings, _ = _settings({"mode": "native"})
-        logs.configure(settings.log_level, settings.log_dir)
+        logs.configure(settings.log_level, settings.log_dir, NATIVE_LOG_FILE)
         _run_server(settings, Transports.for_mode("native"))
         return
     cli.main(args=args, prog_name=PROG)

@@ -18,6 +18,7 @@ the wire contract: add new ones, never rename.
     ├── PayloadTooLarge           413 invalid_request_error / request_too_large
     ├── ValidationFailed          422 invalid_request_error / validation_error
     ├── TooManyRequests           429 rate_limit_error / rate_limited
+    ├── Cancelled                 499 invalid_request_error / cancelled
     ├── NotImplementedYet         501 server_error / not_implemented
     ├── StorageError              500 server_error / storage_error
     ├── DownloadError             502 server_error / download_failed
@@ -121,6 +122,14 @@ class TooManyRequests(TabAgentError):
     status = 429
     type = "rate_limit_error"
     code = "rate_limited"
+
+
+class Cancelled(TabAgentError):
+    """The caller cancelled the request (nginx's 499 "client closed request")."""
+
+    status = 499
+    type = "invalid_request_error"
+    code = "cancelled"
 
 
 class NotImplementedYet(TabAgentError):

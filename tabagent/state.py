@@ -5,6 +5,7 @@ No transport types live here, so operations stay importable without aiohttp.
 
 from __future__ import annotations
 
+import secrets
 import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Literal
@@ -61,6 +62,8 @@ class AppState:
     ml: MLServices | None = None
     models: ModelService | None = None
     memory: Memory | None = None
+    # Required by the envelope endpoint; published in the run file for this user's native hosts.
+    run_token: str = field(default_factory=lambda: secrets.token_urlsafe(32))
 
     def require_models(self) -> ModelService:
         if self.models is None:  # pragma: no cover - always built by the app
