@@ -177,10 +177,13 @@ def build_memory(settings: Settings, ml: MLServices | None) -> Memory:
 
 
 def _memory_component(
-    state: AppState, memory: Memory, *, required: bool
+    state: AppState, settings: Settings, *, required: bool
 ) -> Callable[[web.Application], AsyncIterator[None]]:
     async def lifetime(app: web.Application) -> AsyncIterator[None]:
         state.components.set("memory", "starting")
+        # built here, in a thread: importing the vector stack (LanceDB) takes a second or two,
+        # and a native host answers the browser's hello meanwhile
+        memory = await asyncio.to_thread(build_memory, settings, state.ml)
         try:
             await memory.open()
         except TabAgentError as exc:
@@ -255,9 +258,7 @@ def build_app(
         state.ml = build_ml(settings, state, state.metrics.registry)
         app.cleanup_ctx.append(_ml_component(state.ml))
     if settings.memory:
-        app.cleanup_ctx.append(
-            _memory_component(state, build_memory(settings, state.ml), required=memory_required)
-        )
+        app.cleanup_ctx.append(_memory_component(state, settings, required=memory_required))
     else:
         state.components.set("memory", "off", "started with --memory false")
     if transports.http:
@@ -326,8 +327,34 @@ async def serve(
         settings = settings.model_copy(update={"host": "127.0.0.1", "port": 0})
     check_bind_safety(settings)
     app = build_app(settings, transports=transports)
-    runner, port = await _start_site(app, settings)
     state = app[STATE]
+    stop = asyncio.Event()
+    native: asyncio.Task[None] | None = None
+    session = None
+    if native_channel is not None:  # the browser gets its hello while the components start
+        from tabagent.native_messaging.host import pump
+        from tabagent.ops.envelope import EnvelopeSession
+
+        ready = asyncio.Event()
+        session = EnvelopeSession(
+            state, native_channel.send, transport="native", hello={"mode": "in-process"},
+            ready=ready,
+        )  # fmt: skip
+        native = asyncio.create_task(pump(native_channel, session))
+        native.add_done_callback(lambda _: stop.set())
+    try:
+        runner, port = await _start_site(app, settings)
+    except StartupError as exc:
+        if native is None or session is None:
+            raise
+        # answer every request with the reason until the browser hangs up, then fail
+        session.unavailable = str(exc)
+        ready.set()
+        await native
+        await session.close()
+        raise
+    if session is not None:
+        ready.set()
     publication = publish(
         settings.run_dir,
         ServerInfo(
@@ -338,24 +365,12 @@ async def serve(
             mode=state.mode,
         ),
     )
-    stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         try:
             loop.add_signal_handler(sig, stop.set)
         except (NotImplementedError, RuntimeError):  # Windows' proactor loop
             signal.signal(sig, lambda *_: loop.call_soon_threadsafe(stop.set))
-    native: asyncio.Task[None] | None = None
-    session = None
-    if native_channel is not None:
-        from tabagent.native_messaging.host import pump
-        from tabagent.ops.envelope import EnvelopeSession
-
-        session = EnvelopeSession(
-            state, native_channel.send, transport="native", hello={"mode": "in-process"}
-        )
-        native = asyncio.create_task(pump(native_channel, session))
-        native.add_done_callback(lambda _: stop.set())
     if transports.http:
         shown_host = f"[{settings.host}]" if ":" in settings.host else settings.host
         unavailable = [

@@ -22,6 +22,7 @@ from tabagent import __version__, logs
 from tabagent.app import UNAVAILABLE_TRANSPORTS, StartupError, Transports, get_once, serve
 from tabagent.cli_db import db_group
 from tabagent.cli_models import models_group
+from tabagent.cli_native import native_group
 from tabagent.config import Settings, SettingsError, describe, env_name, flag_name, resolve
 
 PROG = "tabagent-server"
@@ -164,11 +165,9 @@ def _not_yet(name: str, what: str) -> click.Command:
 
 cli.add_command(models_group(lambda ctx: _settings(ctx.find_root().obj)[0]))
 cli.add_command(db_group(lambda ctx: _settings(ctx.find_root().obj)[0]))
+cli.add_command(native_group(lambda ctx: _settings(ctx.find_root().obj)))
 
-for _name, _what in (
-    ("hardware", "Show detected CPU, GPUs, NPUs and acceleration"),
-    ("native", "Install the browser native-messaging host"),
-):
+for _name, _what in (("hardware", "Show detected CPU, GPUs, NPUs and acceleration"),):
     cli.add_command(_not_yet(_name, _what))
 
 

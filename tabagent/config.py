@@ -31,7 +31,8 @@ _MIB = 1024 * 1024
 _LOOPBACK_NAMES = frozenset({"localhost", "ip6-localhost"})
 
 
-def _data_dir() -> Path:
+def data_dir() -> Path:
+    """TabAgent's per-user data folder (databases, models and the host launcher go under it)."""
     # roaming=True gives %APPDATA% on Windows (the seed's layout); no effect elsewhere.
     return Path(platformdirs.user_data_dir(APP_NAME, appauthor=False, roaming=True))
 
@@ -63,11 +64,11 @@ class Settings(BaseModel):
     )
     port: int = Field(3000, ge=0, le=65535, description="TCP port (0 picks a free one).")
     db_path: Path = Field(
-        default_factory=lambda: _data_dir() / "tabagent_db",
+        default_factory=lambda: data_dir() / "tabagent_db",
         description="Folder of the seven memory databases.",
     )
     model_cache_path: Path = Field(
-        default_factory=lambda: _data_dir() / "models",
+        default_factory=lambda: data_dir() / "models",
         description="Folder of downloaded models (Hugging Face cache layout).",
     )
     log_dir: Path = Field(

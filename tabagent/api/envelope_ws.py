@@ -15,9 +15,10 @@ import hmac
 import json
 import logging
 import os
+import weakref
 from typing import Any
 
-from aiohttp import WSMsgType, web
+from aiohttp import WSCloseCode, WSMsgType, web
 
 from tabagent.api.keys import STATE
 from tabagent.api.middleware import mark_public
@@ -31,6 +32,15 @@ ENVELOPE_PATH = "/v1/envelope"
 
 def add_envelope_route(app: web.Application, token: str, max_message: int) -> None:
     expected = f"Bearer {token}".encode()
+    open_sockets: weakref.WeakSet[web.WebSocketResponse] = weakref.WeakSet()
+
+    async def close_all(_: web.Application) -> None:
+        # On shutdown relaying hosts hear "going away" at once (their browser then reconnects)
+        # instead of the connection hanging until the shutdown timeout.
+        for ws in list(open_sockets):
+            await ws.close(code=WSCloseCode.GOING_AWAY, message=b"server shutting down")
+
+    app.on_shutdown.append(close_all)
 
     async def handle(request: web.Request) -> web.StreamResponse:
         given = request.headers.get("Authorization", "").encode()
@@ -42,6 +52,7 @@ def add_envelope_route(app: web.Application, token: str, max_message: int) -> No
             )
         ws = web.WebSocketResponse(max_msg_size=max_message, autoping=True)
         await ws.prepare(request)
+        open_sockets.add(ws)
         lock = asyncio.Lock()
 
         async def send(message: dict[str, Any]) -> None:

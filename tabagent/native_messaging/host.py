@@ -21,14 +21,13 @@ from typing import Any
 
 import aiohttp
 
-from tabagent import __version__
 from tabagent.api.envelope_ws import ENVELOPE_PATH
 from tabagent.config import Settings
 from tabagent.discovery import ServerInfo, find
 from tabagent.errors import BadRequest, ServiceUnavailable
 from tabagent.native_messaging.codec import FrameError, decode_json
 from tabagent.native_messaging.stdio import StdioChannel
-from tabagent.ops.envelope import PROTOCOL_VERSION, EnvelopeSession, Request, error_message
+from tabagent.ops.envelope import EnvelopeSession, error_message
 
 log = logging.getLogger(__name__)
 
@@ -73,31 +72,10 @@ async def serve_in_process(channel: StdioChannel, settings: Settings) -> int:
         await serve(
             settings, Transports(http=False, webrtc=False, native=True), native_channel=channel
         )
-    except StartupError as exc:
+    except StartupError as exc:  # the browser was told, request by request, until it hung up
         log.error("cannot start: %s", exc)
-        await serve_unavailable(channel, str(exc))
         return 1
     return 0
-
-
-async def serve_unavailable(channel: StdioChannel, reason: str) -> None:
-    """Start-up failed (databases held by a server that did not publish itself, say): answer
-    every request with that reason until the browser hangs up, so the extension can show it."""
-    error = ServiceUnavailable(f"TabAgent could not start: {reason}", code="startup_failed")
-    async for item in channel.incoming():
-        value = item if isinstance(item, FrameError) else decode_json(item)
-        if isinstance(value, FrameError):
-            await channel.send(frame_error(value))
-            continue
-        try:
-            request: Request | None = Request.model_validate(value)
-        except ValueError:
-            request = None
-        if request is not None and request.method == "session.hello":
-            data = {"protocol": PROTOCOL_VERSION, "server_version": __version__, "error": reason}
-            await channel.send({"id": request.id, "event": "done", "data": data})
-            continue
-        await channel.send(error_message(request.id if request else None, error))
 
 
 class UpstreamUnavailable(RuntimeError):

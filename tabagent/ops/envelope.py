@@ -30,6 +30,7 @@ from tabagent.errors import (
     BadRequest,
     Cancelled,
     Conflict,
+    ServiceUnavailable,
     TabAgentError,
     TooManyRequests,
 )
@@ -87,6 +88,7 @@ class EnvelopeSession:
         transport: str,
         hello: dict[str, Any] | None = None,
         max_in_flight: int = MAX_IN_FLIGHT,
+        ready: asyncio.Event | None = None,
     ) -> None:
         self.state = state
         self._send = send
@@ -98,6 +100,10 @@ class EnvelopeSession:
         self._prefix = f"{transport[:1]}{secrets.token_hex(3)}"
         self._counter = itertools.count(1)
         self.closed = False
+        # Set once the server's components are up: until then requests are accepted and wait,
+        # so a browser gets its hello at once. ``unavailable`` says why start-up failed.
+        self._ready = ready
+        self.unavailable: str | None = None
 
     @property
     def in_flight(self) -> int:
@@ -162,12 +168,20 @@ class EnvelopeSession:
             "server_version": __version__,
             "transport": self.transport,
             "max_in_flight": self.max_in_flight,
+            "ready": self._ready is None or self._ready.is_set(),
             **self._hello,
+            **({"error": self.unavailable} if self.unavailable else {}),
         }
 
     async def _run(self, message_id: Any, op: Any, ctx: OpContext, parsed: BaseModel) -> None:
         token = request_id_var.set(ctx.request_id)
         try:
+            if self._ready is not None and not self._ready.is_set():
+                await self._ready.wait()
+            if self.unavailable is not None:
+                raise ServiceUnavailable(
+                    f"TabAgent could not start: {self.unavailable}", code="startup_failed"
+                )
             if op.streaming:
                 events = op.stream(ctx, parsed)
                 finished = False
