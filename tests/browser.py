@@ -21,7 +21,7 @@ import subprocess
 import tempfile
 import time
 from collections import deque
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -184,6 +184,7 @@ class Browser:
     _pending: dict[int, asyncio.Future[dict[str, Any]]] = field(default_factory=dict)
     _pages: dict[str, Page] = field(default_factory=dict)
     _tasks: set[asyncio.Task[None]] = field(default_factory=set)
+    log: deque[str] = field(default_factory=lambda: deque(maxlen=200))  # Chromium's stderr
 
     async def send(
         self, method: str, params: dict[str, Any] | None = None, session_id: str | None = None
@@ -255,7 +256,7 @@ class Browser:
                 future.set_exception(CDPError("DevTools connection closed"))
 
 
-def _cmdline(binary: str, profile: Path) -> list[str]:
+def _cmdline(binary: str, profile: Path, extra: Sequence[str] = ()) -> list[str]:
     return [
         binary,
         "--headless=new",
@@ -269,6 +270,7 @@ def _cmdline(binary: str, profile: Path) -> list[str]:
         "--remote-debugging-port=0",
         f"--user-data-dir={profile}",
         *offline_flags(),
+        *extra,
         "about:blank",
     ]
 
@@ -310,17 +312,29 @@ def _alive_in_group(pgid: int) -> list[int]:
 
 
 @contextlib.asynccontextmanager
-async def chromium(startup: float = 30.0) -> AsyncIterator[Browser]:
-    """A headless Chromium with the network cut off, in a fresh profile removed on exit."""
+async def chromium(
+    startup: float = 30.0,
+    extra_args: Sequence[str] = (),
+    prepare_profile: Callable[[Path], None] | None = None,
+    env: Mapping[str, str] | None = None,
+) -> AsyncIterator[Browser]:
+    """A headless Chromium with the network cut off, in a fresh profile removed on exit.
+
+    ``prepare_profile`` gets the profile folder before the browser starts (to install a
+    native-messaging host into it, say); ``env`` is the browser's environment (its native
+    hosts inherit it)."""
     binary = chromium_binary()
     profile = Path(tempfile.mkdtemp(prefix="tabagent-chromium-"))
+    if prepare_profile is not None:
+        prepare_profile(profile)
     proc: asyncio.subprocess.Process | None = None
     drainer: asyncio.Task[None] | None = None
     stderr: deque[str] = deque(maxlen=200)
     try:
         proc = await asyncio.create_subprocess_exec(
-            *_cmdline(binary, profile),
+            *_cmdline(binary, profile, extra_args),
             stdin=subprocess.DEVNULL,
+            env=dict(env) if env is not None else None,
             stdout=subprocess.DEVNULL,
             stderr=subprocess.PIPE,
             start_new_session=True,
@@ -338,7 +352,7 @@ async def chromium(startup: float = 30.0) -> AsyncIterator[Browser]:
             aiohttp.ClientSession() as session,
             session.ws_connect(url, max_msg_size=0) as ws,
         ):
-            browser = Browser(ws)
+            browser = Browser(ws, log=stderr)
             reader = asyncio.create_task(browser.read_loop())
             try:
                 yield browser
