@@ -12,6 +12,7 @@ const PAGE_CONTEXT_LIMIT = 12_000; // characters of page context sent with a mes
 const PAGE_CONTEXT_PREFIX = "Context from the page ";
 const PAGE_CONTEXT_SEPARATOR = "\n\n---\n\n";
 const MODEL_KEY = "tabagent.model";
+const MAX_TOKENS_KEY = "tabagent.maxTokens";
 const TITLE_CHARS = 60;
 const HEALTH_EVERY_MS = 15_000;
 const CANCEL_GRACE_MS = 8_000;
@@ -170,6 +171,18 @@ async function loadModels() {
   els.model.value = [current, saved].find((id) => id && ids.includes(id)) ?? ids[0] ?? "";
   els.model.disabled = false;
 }
+
+const maxTokensSelect = $("max-tokens");
+storageGet(MAX_TOKENS_KEY).then((saved) => {
+  if (saved && [...maxTokensSelect.options].some((o) => o.value === String(saved))) {
+    maxTokensSelect.value = String(saved);
+  }
+});
+maxTokensSelect.addEventListener("change", () => {
+  chrome.storage.local
+    .set({ [MAX_TOKENS_KEY]: maxTokensSelect.value })
+    .catch((err) => showError(err, "Saving the answer length"));
+});
 
 els.model.addEventListener("change", () => {
   const value = els.model.value;
@@ -472,7 +485,7 @@ async function send() {
   const params = {
     conversation_id: conversationId,
     messages: [{ role: "user", content }],
-    max_tokens: MAX_TOKENS,
+    max_tokens: Number(maxTokensSelect.value) || MAX_TOKENS,
   };
   if (els.model.value) params.model = els.model.value;
 

@@ -337,7 +337,7 @@ async def serve(
 
         ready = asyncio.Event()
         session = EnvelopeSession(
-            state, native_channel.send, transport="native", hello={"mode": "in-process"},
+            state, native_channel.send, transport="native", hello={"mode": "in-process", "pid": os.getpid()},
             ready=ready,
         )  # fmt: skip
         native = asyncio.create_task(pump(native_channel, session))

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -80,9 +81,13 @@ async def article_url() -> AsyncIterator[str]:
     await runner.cleanup()
 
 
-async def send_prompt(page: Page, text: str) -> None:
+async def send_prompt(page: Page, text: str, max_tokens: int = 128) -> None:
+    """Type ``text`` and press Send, with the panel's answer length set to ``max_tokens``."""
     await page.evaluate(
         f"""(() => {{
+          const length = document.getElementById('max-tokens');
+          length.value = '{max_tokens}';
+          length.dispatchEvent(new Event('change', {{bubbles: true}}));
           const prompt = document.getElementById('prompt');
           prompt.value = {json.dumps(text)};
           prompt.dispatchEvent(new Event('input', {{bubbles: true}}));
@@ -102,6 +107,7 @@ async def wait_answer(page: Page, states: tuple[str, ...], within: float = 120) 
     return answer
 
 
+@pytest.mark.timeout(300)  # three generations on a 2-core CI machine, with Chromium beside them
 async def test_side_panel_chats_through_the_native_host(article_url: str) -> None:
     env = dict(os.environ)  # the isolated HOME/XDG folders: the host Chromium starts uses them
     async with chromium(
@@ -169,7 +175,7 @@ async def test_side_panel_chats_through_the_native_host(article_url: str) -> Non
             assert with_page.rstrip().endswith("What do the otters eat?")
 
             # stop a long answer mid-stream
-            await send_prompt(page, "Write a very long epic poem about otters.")
+            await send_prompt(page, "Write a very long epic poem about otters.", max_tokens=2048)
             await wait_answer(page, ("streaming",), within=60)
             await page.wait_for(
                 "document.getElementById('stop').disabled", lambda v: v is False, what="stop"
@@ -177,6 +183,30 @@ async def test_side_panel_chats_through_the_native_host(article_url: str) -> Non
             await page.evaluate("document.getElementById('stop').click(), true")
             stopped = await wait_answer(page, ("cancelled", "done", "error"), within=30)
             assert stopped["state"] == "cancelled", page.report()
+
+            # the host dies (a crash, an update): the panel says so, and reconnects by itself
+            os.kill(hello["pid"], signal.SIGKILL)
+            await page.wait_for(
+                "document.body.dataset.connection",
+                lambda v: v == "disconnected",
+                within=30,
+                what="the panel noticing the host is gone",
+            )
+            assert "isconnected" in await page.evaluate(
+                "document.getElementById('status').textContent"
+            )
+            await page.wait_for(
+                "document.body.dataset.connection",
+                lambda v: v == "connected",
+                within=60,
+                what="the panel reconnecting to a new host",
+            )
+            again = await page.evaluate("globalThis.tabagent.request('session.hello', {})")
+            assert again["pid"] != hello["pid"]
+            listed = await page.evaluate(
+                f"globalThis.tabagent.request('conversations.messages', {{id: '{conv_id}'}})"
+            )
+            assert len(listed["data"]) >= 4  # nothing acknowledged was lost with the host
 
             assert not page.errors, page.report()
         except AssertionError:

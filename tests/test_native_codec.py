@@ -200,3 +200,26 @@ def test_reassembler_rejects_chunks_out_of_order() -> None:
     assembler = Reassembler()
     with pytest.raises(ValueError, match="chunk 1 arrived when 0 was expected"):
         assembler.add(chunks[1])
+
+
+def test_protocol_doc_names_every_method_and_error_code() -> None:
+    """PROTOCOL.md is the contract: each operation and each error code the code can send is in
+    it (a new one fails here until it is documented)."""
+    import re
+    from pathlib import Path
+
+    from tabagent.ops import default_registry
+
+    root = Path(__file__).parents[1]
+    doc = (root / "tabagent" / "native_messaging" / "PROTOCOL.md").read_text()
+    for op in default_registry():
+        _, _, name = op.name.partition(".")
+        assert op.name in doc or f"`.{name}`" in doc, f"{op.name} is not in PROTOCOL.md"
+    source = "\n".join(
+        p.read_text() for d in ("tabagent", "ml_service") for p in (root / d).rglob("*.py")
+    )
+    codes = set(re.findall(r'code ?= ?"([a-z_]+)"', source))
+    codes |= set(re.findall(r'FrameError\(\s*"([a-z_]+)"', source))
+    assert len(codes) > 40
+    missing = sorted(c for c in codes if f"`{c}`" not in doc)
+    assert not missing, f"error codes missing from PROTOCOL.md: {missing}"
