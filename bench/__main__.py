@@ -22,6 +22,10 @@ BENCHMARKS = {
     "embeddings": ("bench.embeddings", "embeddings sentences/s: HTTP vs onnxruntime direct"),
     "vectors": ("bench.vectors", "hnswlib recall and speed vs numpy brute force and LanceDB"),
     "memory": ("bench.memory", "memory writes/reads/hybrid search vs raw sqlite3"),
+    "native": (
+        "bench.native",
+        "native messaging: round trip and messages/s; chat TTFT native vs HTTP SSE",
+    ),
 }
 
 

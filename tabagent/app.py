@@ -336,10 +336,10 @@ async def serve(
         from tabagent.ops.envelope import EnvelopeSession
 
         ready = asyncio.Event()
+        hello = {"mode": "in-process", "pid": os.getpid()}
         session = EnvelopeSession(
-            state, native_channel.send, transport="native", hello={"mode": "in-process", "pid": os.getpid()},
-            ready=ready,
-        )  # fmt: skip
+            state, native_channel.send, transport="native", hello=hello, ready=ready
+        )
         native = asyncio.create_task(pump(native_channel, session))
         native.add_done_callback(lambda _: stop.set())
     try:
