@@ -8,6 +8,8 @@ import json
 import struct
 from pathlib import Path
 
+import pytest
+
 from tabagent.config import resolve
 from tabagent.discovery import RUN_FILE, find
 from tabagent.native_messaging.codec import MAX_OUTGOING, dumps, frame
@@ -233,3 +235,53 @@ async def test_frames_from_a_regular_file_are_served_too(tmp_path: Path) -> None
     assert by_id["1"]["event"] == "done"
     assert by_id["null"]["error"]["code"] == "invalid_json"
     assert by_id["2"]["event"] == "done"
+
+
+async def test_models_embeddings_and_memory_through_the_host(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The operations the extension needs besides chat, through the same registry as HTTP:
+    pull (progress events, from a local server speaking the Hub's protocol), list, load,
+    embeddings, memory search."""
+    from ml_service.backends.llama import smollm2_path
+    from tests.fakehub import FakeHub
+
+    gguf = await asyncio.to_thread(Path(smollm2_path()).read_bytes)
+    async with FakeHub() as hub:
+        monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+        hub.add_repo(
+            "test-org/SmolLM2-135M-Instruct-GGUF", {"SmolLM2-135M-Instruct.Q4_1.gguf": gguf}
+        )
+        ref = "test-org/SmolLM2-135M-Instruct-GGUF:Q4_1"
+        env = {"HF_ENDPOINT": hub.endpoint, "TABAGENT_MODEL_CACHE_PATH": str(tmp_path / "cache")}
+        async with native_host(env) as host:
+            await host.send({"id": "pull", "method": "models.pull", "params": {"model": ref}})
+            events = [e async for e in host.events("pull", within=120)]
+            assert events[0]["event"] == "progress"
+            assert events[-1]["event"] == "done"
+            assert events[-1]["data"]["model"]["id"] == ref
+            assert events[-2]["data"]["total"] == len(gguf)
+
+            listed = await host.result("models.list")
+            kinds = {m["id"]: m["kind"] for m in listed["data"]}
+            assert kinds[ref] == "chat"
+            assert kinds["all-minilm-l6-v2"] == "embedding"
+            await host.result("models.load", {"model": ref})
+            assert next(m for m in (await host.result("models.list"))["data"] if m["id"] == ref)[
+                "loaded"
+            ]
+
+            vectors = await host.result("embeddings.create", {"input": ["otters", "beavers"]})
+            assert len(vectors["data"]) == 2
+            assert len(vectors["data"][0]["embedding"]) == 384
+
+            conv = await host.result("conversations.create", {"title": "pets"})
+            await host.result(
+                "conversations.append",
+                {"id": conv["id"], "messages": [{"role": "user", "content": "My otter is Rex"}]},
+            )
+            found = await host.result("memory.search", {"query": "what is my otter called"})
+            assert any("Rex" in hit["text"] for hit in found["data"]), found
+
+            bad = await host.call("models.pull", {"model": "../etc/passwd"})
+            assert bad["error"]["code"] == "bad_model_ref"
