@@ -17,6 +17,9 @@ const HOST_NAME = "com.tabagent.host";
 const PANEL_PORT_NAME = "tabagent-panel";
 const BACKOFF_START_MS = 500;
 const BACKOFF_MAX_MS = 30_000;
+// With no panel open the host is let go after this long: it holds the models and the memory
+// databases while it runs, and a TabAgent server started meanwhile needs those databases.
+const IDLE_RELEASE_MS = 15_000;
 
 /** @type {chrome.runtime.Port | null} */
 let nativePort = null;
@@ -25,6 +28,7 @@ let lastError = null; // string | null: why the host is not connected, or a host
 let hello = null; // data of the last session.hello reply
 let backoffMs = BACKOFF_START_MS;
 let reconnectTimer = null;
+let idleTimer = null;
 let hostCounter = 0;
 const assembler = new ChunkAssembler();
 
@@ -105,7 +109,7 @@ function onHostGone(why) {
 }
 
 function scheduleReconnect() {
-  if (reconnectTimer || nativePort) return;
+  if (reconnectTimer || nativePort || panels.size === 0) return; // a panel reconnects on demand
   const delay = backoffMs;
   backoffMs = Math.min(backoffMs * 2, BACKOFF_MAX_MS);
   reconnectTimer = setTimeout(() => {
@@ -207,8 +211,32 @@ function broadcastStatus() {
   for (const panel of [...panels]) sendStatus(panel);
 }
 
+/** No panel is open: after IDLE_RELEASE_MS, disconnect the host (it exits on EOF). */
+function scheduleIdleRelease() {
+  clearTimeout(idleTimer);
+  idleTimer = setTimeout(() => {
+    idleTimer = null;
+    if (panels.size > 0 || !nativePort) return;
+    const port = nativePort;
+    nativePort = null;
+    connected = false;
+    hello = null;
+    lastError = null;
+    clearTimeout(reconnectTimer);
+    reconnectTimer = null;
+    inflight.clear();
+    assembler.clear();
+    try {
+      port.disconnect();
+    } catch {
+      /* already gone */
+    }
+  }, IDLE_RELEASE_MS);
+}
+
 function forgetPanel(panel) {
   if (!panels.delete(panel)) return;
+  if (panels.size === 0) scheduleIdleRelease();
   const ids = panelIds.get(panel);
   if (!ids) return;
   // Nobody will read these answers any more: cancel the work on the host.
@@ -266,6 +294,8 @@ chrome.runtime.onConnect.addListener((panel) => {
     panel.disconnect();
     return;
   }
+  clearTimeout(idleTimer);
+  idleTimer = null;
   panels.add(panel);
   panelIds.set(panel, new Map());
   panel.onMessage.addListener((msg) => onPanelMessage(panel, msg));
@@ -276,5 +306,4 @@ chrome.runtime.onConnect.addListener((panel) => {
   }
   sendStatus(panel);
 });
-
-connectHost();
+// The host is started when a panel connects (above), not when the service worker starts.

@@ -29,7 +29,7 @@ from tabagent.api.openai import mount_custom
 from tabagent.api.openapi import build_openapi
 from tabagent.api.routes import mount_operations
 from tabagent.config import Settings
-from tabagent.discovery import ServerInfo, publish
+from tabagent.discovery import ServerInfo, find, publish
 from tabagent.errors import TabAgentError
 from tabagent.metrics import CONTENT_TYPE, Metrics
 from tabagent.ops import default_registry
@@ -295,7 +295,7 @@ async def _start_site(app: web.Application, settings: Settings) -> tuple[web.App
         await runner.setup()
     except TabAgentError as exc:  # a component could not start (databases in use, say)
         await runner.cleanup()
-        raise StartupError(exc.message) from None
+        raise StartupError(exc.message + _holder_hint(settings, exc)) from None
     site = web.TCPSite(runner, settings.host, settings.port)
     try:
         await site.start()
@@ -310,6 +310,20 @@ async def _start_site(app: web.Application, settings: Settings) -> tuple[web.App
             port = int(address[1])
             break
     return runner, port
+
+
+def _holder_hint(settings: Settings, exc: TabAgentError) -> str:
+    """Who holds the databases, when it is this user's browser host (a common surprise)."""
+    if exc.code != "database_in_use":
+        return ""
+    other = find(settings.run_dir)
+    if other is None or other.mode != "native":
+        return ""
+    return (
+        f" (TabAgent's browser host, pid {other.pid}, serves the extension from them: close the"
+        " TabAgent side panel, and the host lets go of them 15 s later; started then, the server"
+        " is the one the extension relays to)"
+    )
 
 
 def _loopback_url(host: str, port: int) -> str:

@@ -9,6 +9,7 @@ server's memory, attaches the text of a page, and stops a long answer.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import signal
@@ -79,6 +80,23 @@ async def article_url() -> AsyncIterator[str]:
     port = runner.addresses[0][1]
     yield f"http://127.0.0.1:{port}/otters"
     await runner.cleanup()
+
+
+def gone(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()[0]
+    except OSError:
+        return True
+    return state == "Z"  # exited; its parent (Chromium) has not reaped it yet
+
+
+async def host_exits(pid: int, within: float) -> bool:
+    deadline = asyncio.get_running_loop().time() + within
+    while asyncio.get_running_loop().time() < deadline:
+        if gone(pid):
+            return True
+        await asyncio.sleep(0.2)
+    return False
 
 
 async def send_prompt(page: Page, text: str, max_tokens: int = 128) -> None:
@@ -209,6 +227,11 @@ async def test_side_panel_chats_through_the_native_host(article_url: str) -> Non
             assert len(listed["data"]) >= 4  # nothing acknowledged was lost with the host
 
             assert not page.errors, page.report()
+
+            # with no panel open the host is let go (so a server started later gets the
+            # databases): it exits after the idle delay
+            await page.goto("about:blank")
+            assert await host_exits(again["pid"], within=45), "the idle host kept running"
         except AssertionError:
             print("".join(browser.log))  # Chromium's stderr, the host's included
             raise

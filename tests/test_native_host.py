@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import struct
 from pathlib import Path
 
@@ -285,3 +286,22 @@ async def test_models_embeddings_and_memory_through_the_host(
 
             bad = await host.call("models.pull", {"model": "../etc/passwd"})
             assert bad["error"]["code"] == "bad_model_ref"
+
+
+async def test_a_server_started_beside_the_browser_host_says_who_holds_the_databases() -> None:
+    from tests.helpers import SERVER_BIN, free_port
+
+    async with native_host(NO_ML) as host:
+        hello = await host.result("session.hello")
+        await host.result("system.health")  # ready: the databases are open
+        proc = await asyncio.create_subprocess_exec(
+            SERVER_BIN, "--mode", "http", "--port", str(free_port()),
+            env={**os.environ, **NO_ML},
+            stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE,
+        )  # fmt: skip
+        _, stderr = await asyncio.wait_for(proc.communicate(), 60)
+        assert proc.returncode == 1
+        message = stderr.decode()
+        assert "in use" in message
+        assert f"browser host, pid {hello['pid']}" in message
+        assert "side panel" in message

@@ -25,7 +25,7 @@ from tabagent.api.envelope_ws import ENVELOPE_PATH
 from tabagent.config import Settings
 from tabagent.discovery import ServerInfo, find
 from tabagent.errors import BadRequest, ServiceUnavailable
-from tabagent.native_messaging.codec import FrameError, decode_json
+from tabagent.native_messaging.codec import CHROME_MAX_INCOMING, FrameError, decode_json
 from tabagent.native_messaging.stdio import StdioChannel
 from tabagent.ops.envelope import EnvelopeSession, error_message
 
@@ -51,7 +51,7 @@ async def pump(channel: StdioChannel, session: EnvelopeSession) -> None:
 
 async def run_native(settings: Settings) -> int:
     """Serve native messaging on this process's stdin/stdout; the exit status."""
-    channel = StdioChannel.take_over(settings.max_body_bytes)
+    channel = StdioChannel.take_over(min(settings.max_body_bytes, CHROME_MAX_INCOMING))
     await channel.start()
     try:
         server = find(settings.run_dir)
