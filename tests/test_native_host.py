@@ -74,6 +74,11 @@ async def test_message_over_the_limit_is_refused_and_the_next_one_served() -> No
         assert (await host.result("system.health"))["status"] == "ok"
 
 
+async def test_a_body_limit_above_what_chrome_sends_is_capped_not_fatal() -> None:
+    async with native_host({**NO_ML, "TABAGENT_MAX_BODY_BYTES": str(512 << 20)}) as host:
+        assert (await host.result("system.health"))["status"] == "ok"
+
+
 async def test_absurd_length_header_ends_the_host_cleanly() -> None:
     async with native_host(NO_ML) as host:
         await host.result("session.hello")
