@@ -33,7 +33,7 @@ from tabagent.discovery import ServerInfo, find, publish
 from tabagent.errors import TabAgentError
 from tabagent.metrics import CONTENT_TYPE, Metrics
 from tabagent.ops import default_registry
-from tabagent.ops.registry import Registry
+from tabagent.ops.registry import Operation, Registry
 from tabagent.state import AppState
 
 if TYPE_CHECKING:
@@ -68,9 +68,7 @@ class Transports:
 
 # Transports whose implementation has not landed yet; a mode that needs only these refuses to
 # start rather than pretend (see README, "Modes").
-UNAVAILABLE_TRANSPORTS = {
-    "webrtc": "WebRTC signaling is not implemented in this build yet",
-}
+UNAVAILABLE_TRANSPORTS: dict[str, str] = {}
 
 
 async def _metrics(request: web.Request) -> web.Response:
@@ -203,6 +201,29 @@ def _memory_component(
     return lifetime
 
 
+def _webrtc_component(
+    state: AppState, settings: Settings
+) -> Callable[[web.Application], AsyncIterator[None]]:
+    async def lifetime(app: web.Application) -> AsyncIterator[None]:
+        from tabagent.webrtc.sessions import SessionManager
+
+        manager = SessionManager(
+            state,
+            max_sessions=settings.webrtc_max_sessions,
+            idle_timeout=settings.webrtc_idle_timeout,
+            ice_servers=settings.webrtc_ice_servers,
+        )
+        await manager.start()
+        state.webrtc = manager
+        state.components.set("webrtc", "ok")
+        yield
+        state.webrtc = None
+        await manager.stop()
+        state.components.set("webrtc", "down", "closed")
+
+    return lifetime
+
+
 def _http_component(state: AppState) -> Callable[[web.Application], AsyncIterator[None]]:
     async def lifetime(app: web.Application) -> AsyncIterator[None]:
         state.components.set("http", "ok")
@@ -227,7 +248,7 @@ def build_app(
     mode = mode or settings.mode
     transports = transports or Transports.for_mode(mode)
     registry = registry or default_registry()
-    live = [name for name in ("http", "native") if getattr(transports, name)]
+    live = [name for name in ("http", "webrtc", "native") if getattr(transports, name)]
     state = AppState(
         settings=settings,
         registry=registry,
@@ -266,8 +287,16 @@ def build_app(
 
     # native hosts of this user that find this server in the run directory relay to it here
     add_envelope_route(app, state.run_token, settings.max_body_bytes)
+    if transports.webrtc:
+        app.cleanup_ctx.append(_webrtc_component(state, settings))
+
+    def served(op: Operation) -> bool:
+        if "webrtc" in op.tags:  # signaling: the webrtc transport's own routes
+            return transports.webrtc
+        return transports.http or (transports.webrtc and op.name == "system.health")
+
+    mount_operations(app, registry, settings.max_body_bytes, served)
     if transports.http:
-        mount_operations(app, registry, settings.max_body_bytes)
         mount_custom(app, registry, settings.max_body_bytes)
         app.router.add_get("/metrics", _metrics, name="metrics")
         add_docs_routes(app)
@@ -337,7 +366,7 @@ async def serve(
 ) -> None:
     """Run until SIGINT/SIGTERM (or, serving native messaging, until the browser hangs up),
     then drain in-flight requests and stop components in reverse."""
-    if not transports.http:  # native only: a private loopback port for other hosts to relay to
+    if not (transports.http or transports.webrtc):  # native only: a private port for relays
         settings = settings.model_copy(update={"host": "127.0.0.1", "port": 0})
     check_bind_safety(settings)
     app = build_app(settings, transports=transports)
@@ -385,7 +414,7 @@ async def serve(
             loop.add_signal_handler(sig, stop.set)
         except (NotImplementedError, RuntimeError):  # Windows' proactor loop
             signal.signal(sig, lambda *_: loop.call_soon_threadsafe(stop.set))
-    if transports.http:
+    if transports.http or transports.webrtc:
         shown_host = f"[{settings.host}]" if ":" in settings.host else settings.host
         unavailable = [
             n for n, s in state.components.snapshot().items() if s.state == "unavailable"
@@ -399,7 +428,8 @@ async def serve(
             ", ".join(state.transports) or "none",
             f"; not yet available: {', '.join(unavailable)}" if unavailable else "",
         )
-        log.info("API docs at http://%s:%d/api-doc", shown_host, port)
+        if transports.http:
+            log.info("API docs at http://%s:%d/api-doc", shown_host, port)
     else:
         log.info("TabAgent %s serving native messaging (relay port %d)", __version__, port)
     try:

@@ -112,10 +112,10 @@ def cli(ctx: click.Context, /, get_path: str | None, **flags: Any) -> None:
 
 def _run_server(settings: Settings, transports: Transports) -> None:
     wanted = [name for name in ("http", "webrtc", "native") if getattr(transports, name)]
-    if not transports.http and not transports.native:
-        missing = [UNAVAILABLE_TRANSPORTS[n] for n in wanted if n in UNAVAILABLE_TRANSPORTS]
+    missing = [UNAVAILABLE_TRANSPORTS[n] for n in wanted if n in UNAVAILABLE_TRANSPORTS]
+    if missing and len(missing) == len(wanted):
         _fail(f"mode {settings.mode!r} cannot run: " + "; ".join(missing), 2)
-    if transports.native and not transports.http:
+    if transports.native and not (transports.http or transports.webrtc):
         from tabagent.native_messaging.host import run_native
 
         try:

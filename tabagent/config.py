@@ -122,6 +122,20 @@ class Settings(BaseModel):
         description="Tokens of recalled memories a chat with a conversation_id may add to its "
         "prompt (0: store turns but recall nothing).",
     )
+    webrtc_max_sessions: int = Field(
+        16, ge=1, le=1024, description="Most WebRTC sessions (browser peers) at once."
+    )
+    webrtc_idle_timeout: float = Field(
+        900.0,
+        ge=5,
+        le=86400,
+        description="Seconds without a message before a WebRTC session closes.",
+    )
+    webrtc_ice_servers: tuple[str, ...] = Field(
+        (),
+        description="STUN/TURN URLs for WebRTC (comma-separated in the environment); none by "
+        "default: a local server and its browser connect with host candidates.",
+    )
     memory_extract: Literal["rules", "llm", "off"] = Field(
         "rules",
         description="How facts are taken from what the user says in a remembered chat: "
@@ -157,7 +171,9 @@ class Settings(BaseModel):
         0, ge=-1, le=10_000, description="Layers offloaded to the GPU (-1: all, 0: none)."
     )
 
-    @field_validator("allowed_hosts", "allowed_origins", "extension_ids", mode="before")
+    @field_validator(
+        "allowed_hosts", "allowed_origins", "extension_ids", "webrtc_ice_servers", mode="before"
+    )
     @classmethod
     def _split_commas(cls, value: Any) -> Any:
         if isinstance(value, str):

@@ -19,6 +19,7 @@ if TYPE_CHECKING:
     from tabagent.ml.services import MLServices
     from tabagent.models.service import ModelService
     from tabagent.storage.memory import Memory
+    from tabagent.webrtc.sessions import SessionManager
 
 ComponentHealth = Literal["ok", "starting", "degraded", "down", "unavailable", "off"]
 
@@ -62,6 +63,7 @@ class AppState:
     ml: MLServices | None = None
     models: ModelService | None = None
     memory: Memory | None = None
+    webrtc: SessionManager | None = None
     # Required by the envelope endpoint; published in the run file for this user's native hosts.
     run_token: str = field(default_factory=lambda: secrets.token_urlsafe(32))
 
@@ -83,6 +85,14 @@ class AppState:
                 "memory is off in this server (started with --memory false)", code="memory_disabled"
             )
         return self.memory
+
+    def require_webrtc(self) -> SessionManager:
+        if self.webrtc is None:
+            raise ServiceUnavailable(
+                f"WebRTC is not served in mode {self.mode!r} (use --mode web or all)",
+                code="webrtc_disabled",
+            )
+        return self.webrtc
 
     @property
     def uptime_s(self) -> float:

@@ -103,11 +103,13 @@ def test_get_sends_the_configured_api_key() -> None:
     assert json.loads(result.stdout)["mode"] == "http"
 
 
-def test_modes_not_built_yet_say_so_and_exit_non_zero() -> None:
-    result = run_cli("--mode", "webrtc")
-    assert result.returncode == 2
-    assert "not implemented in this build yet" in result.stderr
-    assert result.stdout == ""
+def test_webrtc_mode_serves_signaling_and_health_only(isolated_home: Path) -> None:
+    with running_server(("--mode", "webrtc"), env={"TABAGENT_ML_WORKER": "false"}) as server:
+        status, body = http_get(f"{server.base_url}/v1/webrtc/sessions")
+        assert status == 200
+        assert json.loads(body)["data"] == []
+        assert http_get(f"{server.base_url}/v1/system")[0] == 404  # the REST API is mode http
+        assert "live: webrtc" in server.stderr()
 
 
 def test_browser_launch_picks_native_mode_and_keeps_stdout_clean() -> None:
@@ -156,15 +158,15 @@ def test_web_mode_serves_until_sigterm_then_exits_zero(isolated_home: Path) -> N
         assert status == 200
         health = json.loads(body)
         assert health["components"]["http"]["state"] == "ok"
-        # web = REST + WebRTC signaling; signaling has not landed and health says so honestly
-        assert health["components"]["webrtc"]["state"] == "unavailable"
+        # web = REST + WebRTC signaling
+        assert health["components"]["webrtc"]["state"] == "ok"
         server.proc.send_signal(signal.SIGTERM)
         assert server.proc.wait(timeout=20) == 0
         assert server.proc.stdout is not None
         assert server.proc.stdout.read() == b""
         stderr = server.stderr()
     assert f"listening on http://127.0.0.1:{server.port}" in stderr
-    assert "not yet available: webrtc" in stderr
+    assert "live: http, webrtc" in stderr
     assert "stopped" in stderr
     log_file = Path(os.environ["XDG_STATE_HOME"]) / "TabAgent" / "log" / "tabagent.log"
     assert "listening on" in log_file.read_text()
@@ -175,7 +177,7 @@ def test_all_mode_from_a_terminal_serves_http_without_native(isolated_home: Path
         _, body = http_get(f"{server.base_url}/v1/system")
         info = json.loads(body)
         assert info["mode"] == "all"
-        assert info["transports"] == ["http"]
+        assert info["transports"] == ["http", "webrtc"]
         _, body = http_get(f"{server.base_url}/v1/health")
         assert "native" not in json.loads(body)["components"]
 

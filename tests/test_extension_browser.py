@@ -82,6 +82,12 @@ async def article_url() -> AsyncIterator[str]:
     await runner.cleanup()
 
 
+async def wait_connection(page: Page, state: str, what: str) -> None:
+    await page.wait_for(
+        "document.body?.dataset.connection ?? ''", lambda v: v == state, within=60, what=what
+    )
+
+
 def gone(pid: int) -> bool:
     try:
         state = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()[0]
@@ -138,12 +144,7 @@ async def test_side_panel_chats_through_the_native_host(article_url: str) -> Non
         page = await browser.new_page()
         await page.goto(PANEL_URL)
         try:
-            await page.wait_for(
-                "document.body?.dataset.connection ?? ''",
-                lambda v: v == "connected",
-                within=60,
-                what="the panel connecting to the native host",
-            )
+            await wait_connection(page, "connected", "the panel connecting to the native host")
             hello = await page.evaluate("globalThis.tabagent.request('session.hello', {})")
             assert hello["mode"] == "in-process"
             models = await page.wait_for(
@@ -204,21 +205,11 @@ async def test_side_panel_chats_through_the_native_host(article_url: str) -> Non
 
             # the host dies (a crash, an update): the panel says so, and reconnects by itself
             os.kill(hello["pid"], signal.SIGKILL)
-            await page.wait_for(
-                "document.body.dataset.connection",
-                lambda v: v == "disconnected",
-                within=30,
-                what="the panel noticing the host is gone",
-            )
+            await wait_connection(page, "disconnected", "the panel noticing the host is gone")
             assert "isconnected" in await page.evaluate(
                 "document.getElementById('status').textContent"
             )
-            await page.wait_for(
-                "document.body.dataset.connection",
-                lambda v: v == "connected",
-                within=60,
-                what="the panel reconnecting to a new host",
-            )
+            await wait_connection(page, "connected", "the panel reconnecting to a new host")
             again = await page.evaluate("globalThis.tabagent.request('session.hello', {})")
             assert again["pid"] != hello["pid"]
             listed = await page.evaluate(

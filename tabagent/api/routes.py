@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Callable, Mapping
 from typing import Any
 
 from aiohttp import web
@@ -156,7 +156,12 @@ async def stream_sse(
     return response
 
 
-def mount_operations(app: web.Application, registry: Registry, max_body: int) -> None:
+def mount_operations(
+    app: web.Application,
+    registry: Registry,
+    max_body: int,
+    served: Callable[[Operation], bool] = lambda op: True,
+) -> None:
     for op in registry:
-        if op.http is not None and op.http.adapter == "default":
+        if op.http is not None and op.http.adapter == "default" and served(op):
             app.router.add_route(op.http.method, op.http.path, _handler(op, max_body), name=op.name)

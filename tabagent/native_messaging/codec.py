@@ -10,8 +10,8 @@ Lengths are checked before anything of the announced size is allocated:
   the decoder reports ``frame_too_large`` and stops.
 
 Outgoing messages are encoded by :func:`frames_for`. Chrome closes the port on a message of more
-than 1 MiB, so a larger one is split into ``chunk`` messages (see PROTOCOL.md): the JSON text of
-the real message cut into pieces, each carried as a string.
+than 1 MiB, so a larger one is split into ``chunk`` messages (PROTOCOL.md,
+:func:`tabagent.ops.envelope.split_message`, shared with the data channel).
 """
 
 from __future__ import annotations
@@ -22,13 +22,18 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
+from tabagent.ops.envelope import Reassembler, dumps, split_message, split_text
+
+__all__ = [
+    "CHROME_MAX_INCOMING", "DEFAULT_LIMIT", "HEADER", "MAX_OUTGOING", "FrameDecoder", "FrameError",
+    "Reassembler", "decode_json", "dumps", "frame", "frames_for", "frames_for_json",
+    "split_message", "split_text",
+]  # fmt: skip
+
 HEADER = struct.Struct("=I")  # native byte order, standard 4-byte size, no alignment
 MAX_OUTGOING = 1024 * 1024  # Chrome closes the port on one byte more (REFERENCE.md)
 CHROME_MAX_INCOMING = 64 * 1024 * 1024  # the most Chrome sends to a host
 DEFAULT_LIMIT = 4 * 1024 * 1024
-# Room kept in each chunk frame for everything but the piece: the envelope keys, the index and
-# count, and the (bounded, 128-character) id escaped at its worst.
-_CHUNK_OVERHEAD = 1024
 
 
 @dataclass(frozen=True, slots=True)
@@ -38,10 +43,6 @@ class FrameError:
     code: str
     message: str
     in_sync: bool
-
-
-def dumps(message: Any) -> str:
-    return json.dumps(message, ensure_ascii=False, separators=(",", ":"))
 
 
 def frame(payload: bytes) -> bytes:
@@ -140,65 +141,4 @@ def frames_for(message: dict[str, Any]) -> list[bytes]:
 
 def frames_for_json(text: str, message_id: Any) -> list[bytes]:
     """Frames of one outgoing message already serialised as JSON ``text``."""
-    payload = text.encode("utf-8")
-    if len(payload) <= MAX_OUTGOING:
-        return [frame(payload)]
-    pieces = list(split_text(text, MAX_OUTGOING - _CHUNK_OVERHEAD))
-    return [
-        frame(
-            dumps(
-                {
-                    "id": message_id,
-                    "event": "chunk",
-                    "chunk": {"index": index, "count": len(pieces)},
-                    "data": piece,
-                }
-            ).encode("utf-8")
-        )
-        for index, piece in enumerate(pieces)
-    ]
-
-
-def _escaped_size(piece: str) -> int:
-    return len(dumps(piece).encode("utf-8"))
-
-
-def split_text(text: str, budget: int) -> Iterator[str]:
-    """Consecutive pieces of ``text`` whose JSON-string encoding fits ``budget`` bytes.
-
-    A character costs 1 to 6 bytes once escaped, so each piece starts at ``budget`` characters
-    and shrinks in proportion until it fits (once or twice for ordinary text)."""
-    start = 0
-    while start < len(text):
-        length = min(budget, len(text) - start)
-        while True:
-            size = _escaped_size(text[start : start + length])
-            if size <= budget:
-                break
-            length = max(1, min(length - 1, int(length * budget / size * 0.98)))
-        yield text[start : start + length]
-        start += length
-
-
-class Reassembler:
-    """The receiving side of chunking (used by tests and the proxy; the extension has its own)."""
-
-    def __init__(self) -> None:
-        self._parts: dict[Any, list[str]] = {}
-
-    def add(self, message: dict[str, Any]) -> dict[str, Any] | None:
-        """A whole message: ``message`` itself, or the one its last chunk completes."""
-        if message.get("event") != "chunk":
-            return message
-        key = json.dumps(message.get("id"))
-        parts = self._parts.setdefault(key, [])
-        chunk = message["chunk"]
-        if chunk["index"] != len(parts):
-            self._parts.pop(key, None)
-            raise ValueError(f"chunk {chunk['index']} arrived when {len(parts)} was expected")
-        parts.append(message["data"])
-        if len(parts) < chunk["count"]:
-            return None
-        del self._parts[key]
-        whole: dict[str, Any] = json.loads("".join(parts))
-        return whole
+    return [frame(part.encode("utf-8")) for part in split_message(text, message_id, MAX_OUTGOING)]

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from tabagent.ops import chat, conversations, embeddings, memory, models, system, vision
+from tabagent.ops import chat, conversations, embeddings, memory, models, system, vision, webrtc
 from tabagent.ops.registry import Registry
 
 
@@ -16,4 +16,5 @@ def default_registry() -> Registry:
         vision.group,
         conversations.group,
         memory.group,
+        webrtc.group,
     )

@@ -18,9 +18,10 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import json
 import logging
 import secrets
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
 from typing import TYPE_CHECKING, Annotated, Any
 
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints, ValidationError
@@ -46,6 +47,10 @@ PROTOCOL_VERSION = 1
 MAX_IN_FLIGHT = 64
 MAX_ID_CHARS = 128
 
+# Room kept in each chunk message for everything but the piece: the envelope keys, the index and
+# count, and the (bounded, 128-character) id escaped at its worst.
+CHUNK_OVERHEAD = 1024
+
 Send = Callable[[dict[str, Any]], Awaitable[None]]
 MessageId = Annotated[str, StringConstraints(min_length=1, max_length=MAX_ID_CHARS)] | int
 
@@ -60,6 +65,84 @@ class Request(BaseModel):
 class CancelParams(BaseModel):
     model_config = ConfigDict(extra="forbid")
     id: MessageId
+
+
+def dumps(message: Any) -> str:
+    return json.dumps(message, ensure_ascii=False, separators=(",", ":"))
+
+
+def split_message(text: str, message_id: Any, limit: int) -> list[str]:
+    """The JSON texts to send for one message serialised as ``text``: itself when it fits
+    ``limit`` bytes, else ``chunk`` messages carrying consecutive pieces of it (PROTOCOL.md)."""
+    if len(text.encode("utf-8")) <= limit:
+        return [text]
+    pieces = list(split_text(text, limit - CHUNK_OVERHEAD))
+    return [
+        dumps(
+            {
+                "id": message_id,
+                "event": "chunk",
+                "chunk": {"index": index, "count": len(pieces)},
+                "data": piece,
+            }
+        )
+        for index, piece in enumerate(pieces)
+    ]
+
+
+def _escaped_size(piece: str) -> int:
+    return len(dumps(piece).encode("utf-8"))
+
+
+def split_text(text: str, budget: int) -> Iterator[str]:
+    """Consecutive pieces of ``text`` whose JSON-string encoding fits ``budget`` bytes.
+
+    A character costs 1 to 6 bytes once escaped, so each piece starts at ``budget`` characters
+    and shrinks in proportion until it fits (once or twice for ordinary text)."""
+    start = 0
+    while start < len(text):
+        length = min(budget, len(text) - start)
+        while True:
+            size = _escaped_size(text[start : start + length])
+            if size <= budget:
+                break
+            length = max(1, min(length - 1, int(length * budget / size * 0.98)))
+        yield text[start : start + length]
+        start += length
+
+
+class Reassembler:
+    """The receiving side of chunking (used by tests and the proxy; the extension has its own)."""
+
+    def __init__(self, limit: int | None = None) -> None:
+        self._parts: dict[Any, list[str]] = {}
+        self._sizes: dict[Any, int] = {}
+        self.limit = limit  # most characters one reassembled message may have
+
+    def add(self, message: dict[str, Any]) -> dict[str, Any] | None:
+        """A whole message: ``message`` itself, or the one its last chunk completes."""
+        if message.get("event") != "chunk":
+            return message
+        key = json.dumps(message.get("id"))
+        parts = self._parts.setdefault(key, [])
+        chunk = message["chunk"]
+        if chunk["index"] != len(parts):
+            self._parts.pop(key, None)
+            self._sizes.pop(key, None)
+            raise ValueError(f"chunk {chunk['index']} arrived when {len(parts)} was expected")
+        size = self._sizes.get(key, 0) + len(message["data"])
+        if self.limit is not None and size > self.limit:
+            self._parts.pop(key, None)
+            self._sizes.pop(key, None)
+            raise ValueError(f"chunked message is larger than the limit of {self.limit}")
+        self._sizes[key] = size
+        parts.append(message["data"])
+        if len(parts) < chunk["count"]:
+            return None
+        del self._parts[key]
+        del self._sizes[key]
+        whole: dict[str, Any] = json.loads("".join(parts))
+        return whole
 
 
 def error_message(message_id: Any, exc: TabAgentError) -> dict[str, Any]:
