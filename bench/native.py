@@ -250,16 +250,18 @@ async def _native_pipelined(host: Host, total: int) -> list[float]:
 # -- HTTP -----------------------------------------------------------------------------------
 
 
+async def _timed_get(http: aiohttp.ClientSession, url: str) -> float:
+    """Seconds for one GET of ``url``, body read; anything but 200 is an error."""
+    start = time.perf_counter()
+    async with http.get(url) as response:
+        await response.read()
+        if response.status != 200:
+            raise RuntimeError(f"{url}: HTTP {response.status}")
+    return time.perf_counter() - start
+
+
 async def _http_rtt(http: aiohttp.ClientSession, url: str, calls: int) -> list[float]:
-    latencies = []
-    for _ in range(calls):
-        start = time.perf_counter()
-        async with http.get(url) as response:
-            await response.read()
-            if response.status != 200:
-                raise RuntimeError(f"{url}: HTTP {response.status}")
-        latencies.append(time.perf_counter() - start)
-    return latencies
+    return [await _timed_get(http, url) for _ in range(calls)]
 
 
 async def _http_pipelined(http: aiohttp.ClientSession, url: str, total: int) -> list[float]:
@@ -270,12 +272,7 @@ async def _http_pipelined(http: aiohttp.ClientSession, url: str, total: int) -> 
         nonlocal remaining
         while remaining > 0:
             remaining -= 1
-            start = time.perf_counter()
-            async with http.get(url) as response:
-                await response.read()
-                if response.status != 200:
-                    raise RuntimeError(f"{url}: HTTP {response.status}")
-            latencies.append(time.perf_counter() - start)
+            latencies.append(await _timed_get(http, url))
 
     await asyncio.gather(*(worker() for _ in range(WINDOW)))
     return latencies
