@@ -27,7 +27,7 @@ from aiortc import RTCConfiguration, RTCIceServer, RTCPeerConnection, RTCSession
 from aiortc.rtcdatachannel import RTCDataChannel
 from aiortc.sdp import candidate_from_sdp
 
-from tabagent.errors import BadRequest, NotFound, PayloadTooLarge, TooManyRequests
+from tabagent.errors import BadRequest, NotFound, PayloadTooLarge, TabAgentError, TooManyRequests
 from tabagent.ops.envelope import EnvelopeSession, Reassembler, dumps, error_message, split_message
 
 if TYPE_CHECKING:
@@ -63,8 +63,12 @@ class ChannelLink:
         channel.bufferedAmountLowThreshold = LOW_WATER
         channel.on("bufferedamountlow", self._drained.set)
         channel.on("message", self._on_message)
-        channel.on("close", lambda: self._inbox.put_nowait(None))
+        channel.on("close", self.stop)
         self.task = asyncio.create_task(self._serve(), name=f"webrtc-{session.id}-{channel.label}")
+
+    def stop(self) -> None:
+        """No more messages: the serving task ends (its envelope cancels what still runs)."""
+        self._inbox.put_nowait(None)
 
     def _on_message(self, message: str | bytes) -> None:
         # runs inside aiortc: an exception escaping here would close the whole peer connection
@@ -116,10 +120,7 @@ class ChannelLink:
                 return
         await self.envelope.handle(value)
 
-    async def _error(self, exc: Exception) -> None:
-        from tabagent.errors import TabAgentError
-
-        assert isinstance(exc, TabAgentError)
+    async def _error(self, exc: TabAgentError) -> None:
         with contextlib.suppress(ConnectionError):
             await self.send(error_message(None, exc))
 
@@ -232,7 +233,7 @@ class SessionManager:
         if session is None:
             return False
         for link in session.links:
-            link._inbox.put_nowait(None)
+            link.stop()
         await session.pc.close()
         await asyncio.gather(*(link.task for link in session.links), return_exceptions=True)
         log.info("WebRTC session %s closed", session_id)
