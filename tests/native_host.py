@@ -8,7 +8,6 @@ import contextlib
 import json
 import os
 import struct
-from collections import defaultdict
 from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -16,22 +15,24 @@ from typing import Any
 
 from tabagent.native_messaging.codec import Reassembler, dumps, frame
 from tabagent.native_messaging.manifest import DEV_EXTENSION_ID
+from tests.envelope_client import EnvelopeClient
 from tests.helpers import SERVER_BIN
 
 ORIGIN = f"chrome-extension://{DEV_EXTENSION_ID}/"
 
 
 @dataclass
-class Host:
+class Host(EnvelopeClient):
     proc: asyncio.subprocess.Process
     stderr_path: Path
     raw_frames: list[bytes] = field(default_factory=list)  # every frame read from stdout
-    _pending: dict[str, list[dict[str, Any]]] = field(default_factory=lambda: defaultdict(list))
     _assembler: Reassembler = field(default_factory=Reassembler)
-    _counter: int = 0
 
     async def send(self, message: Mapping[str, Any]) -> None:
         await self.send_raw(frame(dumps(dict(message)).encode()))
+
+    async def send_request(self, message: Mapping[str, Any]) -> None:
+        await self.send(message)
 
     async def send_raw(self, data: bytes) -> None:
         assert self.proc.stdin is not None
@@ -49,33 +50,6 @@ class Host:
             message = self._assembler.add(json.loads(body))
             if message is not None:
                 return message
-
-    async def events(self, request_id: Any, within: float = 60) -> AsyncIterator[dict[str, Any]]:
-        """Messages for ``request_id`` up to its done/error (others are kept for their own
-        readers)."""
-        key = json.dumps(request_id)
-        while True:
-            queued = self._pending[key]
-            message = queued.pop(0) if queued else await self.recv(within)
-            if json.dumps(message.get("id")) != key:
-                self._pending[json.dumps(message.get("id"))].append(message)
-                continue
-            yield message
-            if message["event"] in ("done", "error"):
-                return
-
-    async def call(self, method: str, params: Mapping[str, Any] | None = None) -> dict[str, Any]:
-        """Send one request; its last message (done or error)."""
-        self._counter += 1
-        request_id = f"t{self._counter}"
-        await self.send({"id": request_id, "method": method, "params": dict(params or {})})
-        messages = [m async for m in self.events(request_id)]
-        return messages[-1]
-
-    async def result(self, method: str, params: Mapping[str, Any] | None = None) -> Any:
-        reply = await self.call(method, params)
-        assert reply["event"] == "done", reply
-        return reply["data"]
 
     async def close_stdin(self) -> None:
         assert self.proc.stdin is not None

@@ -4,9 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import itertools
 import json
-from collections import defaultdict
 from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -16,22 +14,24 @@ from aiortc import RTCConfiguration, RTCPeerConnection, RTCSessionDescription
 from aiortc.rtcdatachannel import RTCDataChannel
 
 from tabagent.ops.envelope import Reassembler, dumps, split_message
+from tests.envelope_client import EnvelopeClient
 
 
 @dataclass
-class Peer:
+class Peer(EnvelopeClient):
     pc: RTCPeerConnection
     channel: RTCDataChannel
     session_id: str
     inbox: asyncio.Queue[str | bytes] = field(default_factory=asyncio.Queue)
-    _pending: dict[str, list[dict[str, Any]]] = field(default_factory=lambda: defaultdict(list))
     _assembler: Reassembler = field(default_factory=Reassembler)
-    _ids: itertools.count[int] = field(default_factory=lambda: itertools.count(1))
     chunks_received: int = 0
 
     def send(self, message: Mapping[str, Any], limit: int = 65536) -> None:
         for part in split_message(dumps(dict(message)), message.get("id"), limit):
             self.channel.send(part)
+
+    async def send_request(self, message: Mapping[str, Any]) -> None:
+        self.send(message)
 
     async def recv(self, within: float = 60) -> dict[str, Any]:
         while True:
@@ -42,29 +42,6 @@ class Peer:
             whole = self._assembler.add(message)
             if whole is not None:
                 return whole
-
-    async def events(self, request_id: Any, within: float = 60) -> AsyncIterator[dict[str, Any]]:
-        key = json.dumps(request_id)
-        while True:
-            queued = self._pending[key]
-            message = queued.pop(0) if queued else await self.recv(within)
-            if json.dumps(message.get("id")) != key:
-                self._pending[json.dumps(message.get("id"))].append(message)
-                continue
-            yield message
-            if message["event"] in ("done", "error"):
-                return
-
-    async def call(self, method: str, params: Mapping[str, Any] | None = None) -> dict[str, Any]:
-        request_id = f"w{next(self._ids)}"
-        self.send({"id": request_id, "method": method, "params": dict(params or {})})
-        messages = [m async for m in self.events(request_id)]
-        return messages[-1]
-
-    async def result(self, method: str, params: Mapping[str, Any] | None = None) -> Any:
-        reply = await self.call(method, params)
-        assert reply["event"] == "done", reply
-        return reply["data"]
 
 
 async def connect(http: aiohttp.ClientSession, base_url: str, label: str = "tabagent") -> Peer:
