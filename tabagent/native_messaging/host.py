@@ -17,6 +17,7 @@ import asyncio
 import contextlib
 import json
 import logging
+from collections.abc import AsyncIterator
 from typing import Any
 
 import aiohttp
@@ -36,16 +37,21 @@ def frame_error(error: FrameError) -> dict[str, Any]:
     return error_message(None, BadRequest(error.message, code=error.code))
 
 
+async def requests(channel: StdioChannel) -> AsyncIterator[tuple[bytes, Any]]:
+    """The browser's messages that are JSON, raw and decoded, until EOF (or a frame that breaks
+    the stream); every bad frame is answered here with its error code."""
+    async for item in channel.incoming():
+        value = item if isinstance(item, FrameError) else decode_json(item)
+        if isinstance(value, FrameError):
+            await channel.send(frame_error(value))
+            continue  # incoming() ends by itself after an out-of-sync error
+        assert isinstance(item, bytes)
+        yield item, value
+
+
 async def pump(channel: StdioChannel, session: EnvelopeSession) -> None:
     """Serve the browser's messages until EOF or a frame that breaks the stream."""
-    async for item in channel.incoming():
-        if isinstance(item, FrameError):
-            await session.send(frame_error(item))
-            continue  # incoming() ends by itself after an out-of-sync error
-        value = decode_json(item)
-        if isinstance(value, FrameError):
-            await session.send(frame_error(value))
-            continue
+    async for _, value in requests(channel):
         await session.handle(value)
 
 
@@ -121,15 +127,8 @@ async def proxy(channel: StdioChannel, server: ServerInfo, settings: Settings) -
 
 
 async def _to_server(ws: aiohttp.ClientWebSocketResponse, channel: StdioChannel) -> None:
-    async for item in channel.incoming():
-        if isinstance(item, FrameError):
-            await channel.send(frame_error(item))
-            continue
-        value = decode_json(item)
-        if isinstance(value, FrameError):
-            await channel.send(frame_error(value))
-            continue
-        await ws.send_str(item.decode("utf-8"))
+    async for raw, _ in requests(channel):
+        await ws.send_str(raw.decode("utf-8"))
 
 
 async def _to_browser(ws: aiohttp.ClientWebSocketResponse, channel: StdioChannel) -> None:
