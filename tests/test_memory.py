@@ -6,9 +6,12 @@ Real SQLite, LanceDB and hnswlib files in tmp_path; real all-MiniLM-L6-v2 embedd
 
 from __future__ import annotations
 
+import asyncio
+import threading
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -216,3 +219,34 @@ async def test_memory_persists_across_reopen(tmp_path: Path, minilm: MiniLM) -> 
         assert again.vectors.count() == 1 + len(DISTRACTORS)
     finally:
         await again.close()
+
+
+async def test_a_search_waits_for_vectors_the_background_sync_is_still_moving(
+    tmp_path: Path, minilm: MiniLM, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Read your own writes: when the sync thread has already taken a new message's vector from
+    the outbox but not yet indexed it, a search must wait for it, not search without it."""
+    memory = Memory(tmp_path / "db", embedder=minilm)
+    await memory.open()
+    try:
+        entered, release = threading.Event(), threading.Event()
+        upsert = memory.vectors.upsert
+
+        def slow_upsert(*args: Any, **kwargs: Any) -> Any:
+            entered.set()
+            assert release.wait(30)
+            return upsert(*args, **kwargs)
+
+        monkeypatch.setattr(memory.vectors, "upsert", slow_upsert)
+        conv = await memory.create_conversation(title="notes")
+        await memory.add_messages(conv.id, [user("The wifi password is hunter2.")])
+        assert await asyncio.to_thread(entered.wait, 30)  # the sync thread holds the vector
+        search = asyncio.create_task(memory.search(SearchQuery("wifi password", mode="vector")))
+        await asyncio.sleep(0.3)
+        assert not search.done()  # it waits for the move in flight ...
+        release.set()
+        hits = await asyncio.wait_for(search, 30)
+        assert [h.text for h in hits] == ["The wifi password is hunter2."]  # ... and sees it
+    finally:
+        release.set()
+        await memory.close()

@@ -86,10 +86,14 @@ class VectorSync:
                 time.sleep(self.interval)
 
     def flush(self) -> int:
-        """Move every pending outbox entry into the vector store; returns how many moved."""
-        if not self._dirty.is_set():
-            return 0
+        """Move every pending outbox entry into the vector store; returns how many moved.
+
+        Returns only once nothing committed before the call is still on its way: the dirty flag
+        is read under the lock, so a caller that arrives while the sync thread is moving entries
+        (already taken from the outbox, the flag already cleared) waits for that move to land."""
         with self._lock:
+            if not self._dirty.is_set():
+                return 0
             self._dirty.clear()
             total = 0
             for db in self.sources:
