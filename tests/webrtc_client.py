@@ -10,8 +10,12 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import aiohttp
-from aiortc import RTCConfiguration, RTCPeerConnection, RTCSessionDescription
+import numpy as np
+import numpy.typing as npt
+from aiortc import RTCConfiguration, RTCPeerConnection, RTCSessionDescription, VideoStreamTrack
+from aiortc.mediastreams import MediaStreamTrack
 from aiortc.rtcdatachannel import RTCDataChannel
+from av import VideoFrame
 
 from tabagent.ops.envelope import Reassembler, dumps, split_message
 from tests.envelope_client import EnvelopeClient
@@ -44,9 +48,32 @@ class Peer(EnvelopeClient):
                 return whole
 
 
-async def connect(http: aiohttp.ClientSession, base_url: str, label: str = "tabagent") -> Peer:
-    """Offer, answer, and an open data channel."""
+class PhotoTrack(VideoStreamTrack):
+    """A camera that films one still picture at 30 frames per second."""
+
+    def __init__(self, rgb: npt.NDArray[np.uint8]) -> None:
+        super().__init__()
+        self.rgb = rgb
+        self.sent = 0
+
+    async def recv(self) -> VideoFrame:
+        pts, time_base = await self.next_timestamp()
+        frame = VideoFrame.from_ndarray(self.rgb, format="rgb24")
+        frame.pts, frame.time_base = pts, time_base
+        self.sent += 1
+        return frame
+
+
+async def connect(
+    http: aiohttp.ClientSession,
+    base_url: str,
+    label: str = "tabagent",
+    video: MediaStreamTrack | None = None,
+) -> Peer:
+    """Offer (with a video track, if given), answer, and an open data channel."""
     pc = RTCPeerConnection(RTCConfiguration(iceServers=[]))
+    if video is not None:
+        pc.addTrack(video)
     try:
         return await _negotiate(http, base_url, pc, label)
     except BaseException:
@@ -75,8 +102,10 @@ async def _negotiate(
 
 
 @contextlib.asynccontextmanager
-async def peer(http: aiohttp.ClientSession, base_url: str) -> AsyncIterator[Peer]:
-    connected = await connect(http, base_url)
+async def peer(
+    http: aiohttp.ClientSession, base_url: str, video: MediaStreamTrack | None = None
+) -> AsyncIterator[Peer]:
+    connected = await connect(http, base_url, video=video)
     try:
         yield connected
     finally:

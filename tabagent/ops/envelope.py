@@ -172,8 +172,10 @@ class EnvelopeSession:
         hello: dict[str, Any] | None = None,
         max_in_flight: int = MAX_IN_FLIGHT,
         ready: asyncio.Event | None = None,
+        peer: str | None = None,
     ) -> None:
         self.state = state
+        self.peer = peer
         self._send = send
         self.transport = transport
         self._hello = hello or {}
@@ -240,7 +242,9 @@ class EnvelopeSession:
                 code="too_many_in_flight",
             )
         request_id = f"{self._prefix}{next(self._counter):06x}"
-        ctx = OpContext(state=self.state, request_id=request_id, transport=self.transport)
+        ctx = OpContext(
+            state=self.state, request_id=request_id, transport=self.transport, peer=self.peer
+        )
         task = asyncio.create_task(self._run(request.id, op, ctx, parsed), name=request_id)
         self._tasks[request.id] = task
         task.add_done_callback(lambda _: self._tasks.pop(request.id, None))

@@ -45,6 +45,7 @@ class OpContext:
     state: AppState
     request_id: str
     transport: str
+    peer: str | None = None  # the WebRTC session whose data channel carries the call
 
 
 class Empty(BaseModel):

@@ -46,6 +46,17 @@ class FacesResponse(BaseModel):
     inference_ms: float
 
 
+def faces_of(reply: pb.DetectFacesResponse) -> list[Face]:
+    return [
+        Face(
+            box=[f.x, f.y, f.width, f.height],
+            score=f.score,
+            keypoints=[Point(name=k.name, x=k.x, y=k.y) for k in f.keypoints],
+        )
+        for f in reply.faces
+    ]
+
+
 def decode_base64_image(value: str) -> bytes:
     if value.startswith("data:"):
         _, _, value = value.partition(",")
@@ -71,14 +82,7 @@ async def detect(
             "DetectFaces", request, ctx.request_id, 60.0, "face detection"
         )
     return FacesResponse(
-        faces=[
-            Face(
-                box=[f.x, f.y, f.width, f.height],
-                score=f.score,
-                keypoints=[Point(name=k.name, x=k.x, y=k.y) for k in f.keypoints],
-            )
-            for f in reply.faces
-        ],
+        faces=faces_of(reply),
         width=reply.width,
         height=reply.height,
         inference_ms=reply.inference_ms,

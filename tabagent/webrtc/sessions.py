@@ -29,8 +29,11 @@ from aiortc.sdp import candidate_from_sdp
 
 from tabagent.errors import BadRequest, NotFound, PayloadTooLarge, TabAgentError, TooManyRequests
 from tabagent.ops.envelope import EnvelopeSession, Reassembler, dumps, error_message, split_message
+from tabagent.webrtc.video import FrameSampler
 
 if TYPE_CHECKING:
+    from aiortc.mediastreams import MediaStreamTrack
+
     from tabagent.state import AppState
 
 log = logging.getLogger(__name__)
@@ -54,7 +57,7 @@ class ChannelLink:
         self.channel = channel
         self.limit = state.settings.max_body_bytes
         self.envelope = EnvelopeSession(
-            state, self.send, transport="webrtc", hello={"session_id": session.id}
+            state, self.send, transport="webrtc", hello={"session_id": session.id}, peer=session.id
         )
         self._inbox: asyncio.Queue[str | bytes | None] = asyncio.Queue()
         self._reassembler = Reassembler(limit=self.limit)
@@ -134,6 +137,7 @@ class Session:
     bytes_received: int = 0
     bytes_sent: int = 0
     links: list[ChannelLink] = field(default_factory=list)
+    tracks: list[FrameSampler] = field(default_factory=list)
 
     def touch(self, *, received: int = 0, sent: int = 0) -> None:
         self.last_activity = time.monotonic()
@@ -147,6 +151,8 @@ class Session:
             "age_s": round(time.time() - self.created_at, 3),
             "idle_s": round(time.monotonic() - self.last_activity, 3),
             "channels": [link.channel.label for link in self.links],
+            "video_tracks": sum(t.track.kind == "video" for t in self.tracks),
+            "video_frames": sum(t.received for t in self.tracks if t.track.kind == "video"),
             "bytes_received": self.bytes_received,
             "bytes_sent": self.bytes_sent,
         }
@@ -192,6 +198,11 @@ class SessionManager:
         def on_datachannel(channel: RTCDataChannel) -> None:
             session.links.append(ChannelLink(session, channel, self.state))
 
+        @pc.on("track")
+        def on_track(track: MediaStreamTrack) -> None:
+            # read every track from the start (audio too, unused): aiortc queues unread frames
+            session.tracks.append(FrameSampler(track))
+
         @pc.on("connectionstatechange")
         async def on_state() -> None:
             if pc.connectionState in ("failed", "closed"):
@@ -206,6 +217,17 @@ class SessionManager:
             await self.close(session.id)
             raise BadRequest(f"cannot use this offer: {exc}", code="invalid_sdp") from None
         return session.id, pc.localDescription
+
+    def video(self, session_id: str) -> FrameSampler:
+        """The session's live video track (the first, if the page sends several)."""
+        for sampler in self.get(session_id).tracks:
+            if sampler.track.kind == "video" and not sampler.ended:
+                return sampler
+        raise BadRequest(
+            "this WebRTC session carries no video track: add one to the offer "
+            "(pc.addTransceiver('video', {direction: 'sendonly'}), then sender.replaceTrack)",
+            code="no_video_track",
+        )
 
     def get(self, session_id: str) -> Session:
         try:
@@ -236,6 +258,7 @@ class SessionManager:
             link.stop()
         await session.pc.close()
         await asyncio.gather(*(link.task for link in session.links), return_exceptions=True)
+        await asyncio.gather(*(sampler.stop() for sampler in session.tracks))
         log.info("WebRTC session %s closed", session_id)
         return True
 
