@@ -300,6 +300,7 @@ def build_app(
         mount_custom(app, registry, settings.max_body_bytes)
         app.router.add_get("/metrics", _metrics, name="metrics")
         add_docs_routes(app)
+    if transports.http or transports.webrtc:  # the page talks WebRTC, or HTTP when it must
         add_web_ui(app)  # last: its catch-all route must not shadow the API
     return app
 

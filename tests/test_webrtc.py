@@ -131,6 +131,10 @@ async def test_each_mode_serves_its_own_routes(make_client: ClientFactory) -> No
     assert (await webrtc_only.get("/v1/webrtc/sessions")).status == 200
     assert (await webrtc_only.get("/v1/health")).status == 200
     assert (await webrtc_only.get("/v1/system")).status == 404
+    page = await webrtc_only.get("/")  # the page that speaks WebRTC
+    assert page.status == 200
+    assert "text/html" in page.headers["Content-Type"]
+    assert (await webrtc_only.get("/api-doc")).status == 404  # docs belong to the HTTP API
     http_only = await make_client(mode="http", memory=False)
     assert (await http_only.get("/v1/system")).status == 200
     assert (await http_only.get("/v1/webrtc/sessions")).status == 404
