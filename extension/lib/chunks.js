@@ -101,3 +101,85 @@ export class ChunkAssembler {
     };
   }
 }
+
+/**
+ * UTF-8 bytes that the code point starting at `text[i]` costs once written inside a JSON string
+ * by `JSON.stringify`, and how many UTF-16 code units it spans (2 for a surrogate pair).
+ *
+ * @param {string} text
+ * @param {number} i
+ * @returns {[bytes: number, units: number]}
+ */
+function escapedCost(text, i) {
+  const c = text.charCodeAt(i);
+  if (c === 0x22 || c === 0x5c) return [2, 1]; // \" and \\
+  if (c === 0x08 || c === 0x09 || c === 0x0a || c === 0x0c || c === 0x0d) return [2, 1]; // \b \t \n \f \r
+  if (c < 0x20) return [6, 1]; // \u00XX
+  if (c < 0x80) return [1, 1];
+  if (c < 0x800) return [2, 1];
+  if (c >= 0xd800 && c <= 0xdbff) {
+    const next = text.charCodeAt(i + 1);
+    if (next >= 0xdc00 && next <= 0xdfff) return [4, 2]; // a pair: one 4-byte code point
+    return [6, 1]; // a lone high surrogate is written as \udXXX
+  }
+  if (c >= 0xdc00 && c <= 0xdfff) return [6, 1]; // a lone low surrogate, likewise
+  return [3, 1];
+}
+
+/**
+ * Consecutive pieces of `text`, each costing at most `budget` UTF-8 bytes inside a JSON string;
+ * a surrogate pair is never cut.
+ *
+ * @param {string} text
+ * @param {number} budget
+ * @returns {string[]}
+ */
+function splitEscaped(text, budget) {
+  const pieces = [];
+  let start = 0;
+  let size = 0;
+  let i = 0;
+  while (i < text.length) {
+    const [bytes, units] = escapedCost(text, i);
+    if (size + bytes > budget && i > start) {
+      pieces.push(text.slice(start, i));
+      start = i;
+      size = 0;
+    }
+    size += bytes;
+    i += units;
+  }
+  if (start < text.length) pieces.push(text.slice(start));
+  return pieces;
+}
+
+/**
+ * The messages to send for one outgoing message whose JSON text is `text`: `[text]` when it fits
+ * `maxBytes` UTF-8 bytes, otherwise `chunk` messages
+ * (`{id, event: "chunk", chunk: {index, count}, data: piece}`) whose pieces are consecutive slices
+ * of `text` (a surrogate pair is never split) and each of which is at most `maxBytes` bytes once
+ * encoded, JSON escaping of the piece included. The receiver joins the pieces and parses the result.
+ *
+ * @param {string} text the JSON text of the message
+ * @param {string | number} id the message's id, repeated on every chunk
+ * @param {number} maxBytes largest message the transport carries, in UTF-8 bytes
+ * @returns {string[]}
+ * @throws {RangeError} when `maxBytes` is too small to carry even one character per chunk
+ */
+export function splitMessage(text, id, maxBytes) {
+  const encoder = new TextEncoder();
+  if (encoder.encode(text).length <= maxBytes) return [text];
+  // The header's size depends on how many digits index and count have; start with one digit and
+  // add one until the number of pieces fits the digits assumed.
+  for (let digits = 1; ; digits++) {
+    const widest = 10 ** digits - 1;
+    const header = JSON.stringify({ id, event: "chunk", chunk: { index: widest, count: widest }, data: "" });
+    const budget = maxBytes - encoder.encode(header).length;
+    if (budget < 6) throw new RangeError(`maxBytes ${maxBytes} is too small to split a message into chunks`);
+    const pieces = splitEscaped(text, budget);
+    if (pieces.length > widest) continue;
+    return pieces.map((data, index) =>
+      JSON.stringify({ id, event: "chunk", chunk: { index, count: pieces.length }, data }),
+    );
+  }
+}
