@@ -291,8 +291,8 @@ def build_app(
         app.cleanup_ctx.append(_webrtc_component(state, settings))
 
     def served(op: Operation) -> bool:
-        if "webrtc" in op.tags:  # signaling: the webrtc transport's own routes
-            return transports.webrtc
+        if "webrtc" in op.tags:  # signaling: the webrtc transport's own routes; over plain
+            return transports.webrtc or transports.http  # HTTP they say webrtc_disabled
         return transports.http or (transports.webrtc and op.name == "system.health")
 
     mount_operations(app, registry, settings.max_body_bytes, served)

@@ -38,13 +38,18 @@ def face_clip(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return write_y4m(tmp_path_factory.mktemp("camera") / "astronaut.y4m", skdata.astronaut())
 
 
-@pytest.fixture(scope="module")
-def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningServer]:
-    home = tmp_path_factory.mktemp("home")
+@contextlib.contextmanager
+def serving(mode: str, home: Path) -> Iterator[RunningServer]:
     env = {"HOME": str(home), "XDG_DATA_HOME": str(home / "data"),
            "XDG_STATE_HOME": str(home / "state"), "XDG_CACHE_HOME": str(home / "cache"),
            "XDG_RUNTIME_DIR": str(home)}  # fmt: skip
-    with running_server(("--mode", "web"), env=env, log_dir=home) as srv:
+    with running_server(("--mode", mode), env=env, log_dir=home) as srv:
+        yield srv
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningServer]:
+    with serving("web", tmp_path_factory.mktemp("home")) as srv:
         yield srv
 
 
@@ -165,7 +170,25 @@ async def test_the_camera_panel_shows_faces_detected_by_the_server(
         assert_stayed_local(page, server)
 
 
-async def test_the_page_falls_back_to_http_sse(server: RunningServer, face_clip: Path) -> None:
+async def test_the_page_falls_back_to_http_sse_where_webrtc_is_not_served(
+    tmp_path: Path, face_clip: Path
+) -> None:
+    with serving("http", tmp_path) as server:
+        async with opened(f"{server.base_url}/", face_clip) as page:
+            assert await page.evaluate("globalThis.tabagentPage.transport") == "sse"
+            status = await page.evaluate("document.getElementById('status').textContent")
+            assert "HTTP" in status
+            run = await chat(page, "Say hello.")
+            assert run["text"].strip()
+            assert run["ttftMs"] > 0
+            assert await page.evaluate("document.getElementById('camera-start').disabled")
+            offers = [url for url in page.requests if url.endswith("/v1/webrtc/offer")]
+            assert len(offers) == 1  # tried once, told webrtc_disabled, not retried
+            assert any(url.endswith("/v1/chat/completions") for url in page.requests)
+            assert off_host(page.requests, urlsplit(server.base_url).netloc) == []
+
+
+async def test_the_page_can_be_told_to_use_http_sse(server: RunningServer, face_clip: Path) -> None:
     async with opened(f"{server.base_url}/?transport=sse", face_clip) as page:
         assert await page.evaluate("globalThis.tabagentPage.transport") == "sse"
         run = await chat(page, "Say hello.")

@@ -137,7 +137,11 @@ async def test_each_mode_serves_its_own_routes(make_client: ClientFactory) -> No
     assert (await webrtc_only.get("/api-doc")).status == 404  # docs belong to the HTTP API
     http_only = await make_client(mode="http", memory=False)
     assert (await http_only.get("/v1/system")).status == 200
-    assert (await http_only.get("/v1/webrtc/sessions")).status == 404
+    refused = await http_only.post("/v1/webrtc/offer", json={"sdp": "v=0"})
+    assert refused.status == 503  # not a 404 or 405: the page knows to fall back to HTTP
+    body = await refused.json()
+    assert body["error"]["code"] == "webrtc_disabled"
+    assert "--mode web" in body["error"]["message"]
 
 
 @pytest.fixture(scope="module")

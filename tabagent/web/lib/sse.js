@@ -45,8 +45,15 @@ export async function streamChat(body, { baseUrl = "", signal, onDelta }) {
   }
   if (!response.ok) await readJson(response); // throws the server's error
   const result = { finishReason: null, model: null, usage: null };
+  let finished = false;
   for await (const data of sseData(response.body)) {
-    if (data === "[DONE]") return result;
+    // After [DONE] the server ends the body; read to its end rather than cancel the reader,
+    // which would abort the request (a failed fetch in the browser's log).
+    if (finished) continue;
+    if (data === "[DONE]") {
+      finished = true;
+      continue;
+    }
     const chunk = JSON.parse(data);
     if (chunk.error) throw new TabAgentError(chunk.error);
     result.model = chunk.model ?? result.model;
@@ -55,6 +62,7 @@ export async function streamChat(body, { baseUrl = "", signal, onDelta }) {
     if (choice?.delta?.content) onDelta(choice.delta.content, chunk.model ?? null);
     if (choice?.finish_reason) result.finishReason = choice.finish_reason;
   }
+  if (finished) return result;
   throw new TabAgentError({ code: "stream_ended", message: "the answer stream ended before [DONE]" });
 }
 
