@@ -19,12 +19,8 @@ from onnx import TensorProto, helper
 from safetensors.numpy import load_file
 from tokenizers import Tokenizer
 
-from ml_service.backends.onnx_embed import (
-    OnnxEmbedder,
-    cached_onnx_path,
-    choose_providers,
-    ensure_onnx,
-)
+from ml_service.backends.onnx_embed import OnnxEmbedder, cached_onnx_path, ensure_onnx
+from ml_service.backends.providers import choose_providers
 from ml_service.convert import bert_onnx
 from ml_service.convert.bert_onnx import (
     META_SOURCE_SHA256,

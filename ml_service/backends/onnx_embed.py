@@ -47,6 +47,7 @@ import numpy.typing as npt
 import onnxruntime as ort
 from tokenizers import Encoding, Tokenizer
 
+from ml_service.backends.providers import CPU_PROVIDER, choose_providers
 from ml_service.convert.bert_onnx import (
     CONVERTER_VERSION,
     META_CONVERTER,
@@ -59,29 +60,11 @@ from ml_service.convert.bert_onnx import (
 
 log = logging.getLogger(__name__)
 
-CPU_PROVIDER = "CPUExecutionProvider"
-PROVIDER_PREFERENCE: tuple[str, ...] = (
-    "CUDAExecutionProvider",
-    "ROCMExecutionProvider",
-    "DmlExecutionProvider",
-    "CoreMLExecutionProvider",
-    "OpenVINOExecutionProvider",
-)
 # sentence-transformers' pooling modes, in the order it concatenates them when several are on.
 _POOLING_MODES = ("cls", "max", "mean", "mean_sqrt_len")
 _KNOWN_MODULES = ("Transformer", "Pooling", "Normalize")
 
 FloatArray = npt.NDArray[np.float32]
-
-
-def choose_providers(available: Sequence[str]) -> list[str]:
-    """The preferred providers among ``available``, best first, ending with the CPU provider.
-
-    The CPU provider is included even when ``available`` does not list it: every onnxruntime
-    build has it, and it is the fallback for operators an accelerator lacks.
-    """
-    offered = set(available)
-    return [name for name in PROVIDER_PREFERENCE if name in offered] + [CPU_PROVIDER]
 
 
 def _resolve_providers(requested: Sequence[str] | None) -> list[str]:
