@@ -132,6 +132,8 @@ class MLService(pb_grpc.MLInferenceServicer):
             return model, {
                 "context_length": model.context_length,
                 "has_chat_template": model.has_chat_template,
+                "n_threads": model.n_threads,
+                "n_gpu_layers": opts.n_gpu_layers,
             }
         if request.backend == pb.ONNX_EMBEDDING:
             from ml_service.backends.onnx_embed import OnnxEmbedder

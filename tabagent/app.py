@@ -14,6 +14,7 @@ import os
 import signal
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -31,6 +32,7 @@ from tabagent.api.routes import mount_operations
 from tabagent.config import Settings
 from tabagent.discovery import ServerInfo, find, publish
 from tabagent.errors import TabAgentError
+from tabagent.hardware.detect import HardwareCache
 from tabagent.metrics import CONTENT_TYPE, Metrics
 from tabagent.ops import default_registry
 from tabagent.ops.registry import Operation, Registry
@@ -39,6 +41,7 @@ from tabagent.state import AppState
 if TYPE_CHECKING:
     from prometheus_client import CollectorRegistry
 
+    from ml_service.proto.ml_inference_pb2 import LlamaOptions
     from tabagent.ml.orchestrator import ModelSpec
     from tabagent.ml.services import MLServices
     from tabagent.models.downloader import Counters
@@ -116,7 +119,6 @@ def pulled_specs(models: ModelService) -> list[ModelSpec]:
 
 def build_ml(settings: Settings, state: AppState, registry: CollectorRegistry) -> MLServices:
     """The worker supervisor and the model orchestrator, wired to health and metrics."""
-    from ml_service.proto import ml_inference_pb2 as pb
     from tabagent.ml.orchestrator import ModelOrchestrator, embedded_models
     from tabagent.ml.services import MLMetrics, MLServices
     from tabagent.ml.supervisor import WorkerSupervisor
@@ -139,13 +141,30 @@ def build_ml(settings: Settings, state: AppState, registry: CollectorRegistry) -
         default_keep_alive=settings.keep_alive,
         max_queue=settings.max_queue,
         request_timeout=settings.request_timeout,
-        llama_options=pb.LlamaOptions(
-            n_ctx=settings.n_ctx, n_threads=settings.n_threads, n_gpu_layers=settings.n_gpu_layers
-        ),
+        llama_options=partial(_llama_options, settings, state.hardware),
         on_load=lambda model, seconds: metrics.model_load.labels(model).observe(seconds),
     )
     metrics.queue_depth.set_function(orchestrator.queue_depth)
     return MLServices(supervisor=supervisor, orchestrator=orchestrator, metrics=metrics)
+
+
+def _llama_options(settings: Settings, hardware: HardwareCache, spec: ModelSpec) -> LlamaOptions:
+    """How to load a GGUF model now: the user's settings, the rest from the hardware as it is
+    (free VRAM right before the load)."""
+    from ml_service.proto import ml_inference_pb2 as pb
+    from tabagent.hardware.recommend import ModelFacts, plan_llama
+
+    plan = plan_llama(
+        hardware.get(refresh=True),
+        ModelFacts.from_gguf(Path(spec.path)),
+        n_ctx=settings.n_ctx,
+        n_threads=settings.n_threads,
+        n_gpu_layers=settings.n_gpu_layers,
+    )
+    log.info("loading %s: %s", spec.id, "; ".join(plan.reasons))
+    return pb.LlamaOptions(
+        n_ctx=settings.n_ctx, n_threads=plan.n_threads, n_gpu_layers=plan.n_gpu_layers
+    )
 
 
 def _ml_component(ml: MLServices) -> Callable[[web.Application], AsyncIterator[None]]:
@@ -224,6 +243,29 @@ def _webrtc_component(
     return lifetime
 
 
+def _hardware_component(state: AppState) -> Callable[[web.Application], AsyncIterator[None]]:
+    """Detect the hardware in the background at start-up; health shows the one-line summary."""
+
+    async def detect() -> None:
+        try:
+            hw = await asyncio.to_thread(state.hardware.get)
+        except Exception as exc:  # a probe bug must not stop the server; loads fall back to CPU
+            log.exception("hardware detection failed")
+            state.components.set("hardware", "degraded", f"detection failed: {exc}")
+            return
+        log.info("hardware: %s (%.0f ms)", hw.summary(), hw.detect_ms)
+        state.components.set("hardware", "ok", hw.summary())
+
+    async def lifetime(app: web.Application) -> AsyncIterator[None]:
+        state.components.set("hardware", "starting", "detecting")
+        task = asyncio.create_task(detect(), name="hardware-detection")
+        yield
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+
+    return lifetime
+
+
 def _http_component(state: AppState) -> Callable[[web.Application], AsyncIterator[None]]:
     async def lifetime(app: web.Application) -> AsyncIterator[None]:
         state.components.set("http", "ok")
@@ -275,6 +317,7 @@ def build_app(
     app[STATE] = state
     app[OPENAPI] = build_openapi(registry)
     state.models = build_models(settings, state.metrics)
+    app.cleanup_ctx.append(_hardware_component(state))
     if settings.ml_worker:
         state.ml = build_ml(settings, state, state.metrics.registry)
         app.cleanup_ctx.append(_ml_component(state.ml))

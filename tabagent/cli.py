@@ -21,6 +21,7 @@ from pydantic import SecretStr
 from tabagent import __version__, logs
 from tabagent.app import UNAVAILABLE_TRANSPORTS, StartupError, Transports, get_once, serve
 from tabagent.cli_db import db_group
+from tabagent.cli_hardware import hardware_command
 from tabagent.cli_models import models_group
 from tabagent.cli_native import native_group
 from tabagent.config import Settings, SettingsError, describe, env_name, flag_name, resolve
@@ -146,29 +147,11 @@ def config_command(flags: dict[str, Any], as_json: bool) -> None:
         click.echo(f"{name:<{width}}  {value:<{value_width}}  {source}")
 
 
-def _not_yet(name: str, what: str) -> click.Command:
-    @click.command(
-        name,
-        context_settings={"ignore_unknown_options": True, "allow_extra_args": True},
-        help=f"{what} (not available in this build yet).",
-        add_help_option=False,
-    )
-    def command() -> None:
-        _fail(
-            f"'{name}' is not available in this build yet: {what.lower()} arrives in a "
-            "later release",
-            2,
-        )
-
-    return command
-
-
 cli.add_command(models_group(lambda ctx: _settings(ctx.find_root().obj)[0]))
 cli.add_command(db_group(lambda ctx: _settings(ctx.find_root().obj)[0]))
 cli.add_command(native_group(lambda ctx: _settings(ctx.find_root().obj)))
 
-for _name, _what in (("hardware", "Show detected CPU, GPUs, NPUs and acceleration"),):
-    cli.add_command(_not_yet(_name, _what))
+cli.add_command(hardware_command(lambda ctx: _settings(ctx.find_root().obj)[0]))
 
 
 @cli.command(

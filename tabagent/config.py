@@ -166,9 +166,14 @@ class Settings(BaseModel):
     n_ctx: int = Field(
         0, ge=0, le=1_048_576, description="Context length of chat models (0: model's, max 4096)."
     )
-    n_threads: int = Field(0, ge=0, le=1024, description="CPU threads for generation (0: cores).")
-    n_gpu_layers: int = Field(
-        0, ge=-1, le=10_000, description="Layers offloaded to the GPU (-1: all, 0: none)."
+    n_threads: int = Field(
+        0, ge=0, le=1024, description="CPU threads for generation (0: the physical cores)."
+    )
+    n_gpu_layers: int | None = Field(
+        None,
+        ge=-1,
+        le=10_000,
+        description="Layers offloaded to the GPU (-1: all, 0: none; unset: from free VRAM).",
     )
 
     @field_validator(

@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING, Literal
 
 from tabagent.config import Settings
 from tabagent.errors import ServiceUnavailable
+from tabagent.hardware.detect import HardwareCache
 from tabagent.metrics import Metrics
 from tabagent.ops.registry import Registry
 
@@ -64,6 +65,7 @@ class AppState:
     models: ModelService | None = None
     memory: Memory | None = None
     webrtc: SessionManager | None = None
+    hardware: HardwareCache = field(default_factory=HardwareCache)
     # Required by the envelope endpoint; published in the run file for this user's native hosts.
     run_token: str = field(default_factory=lambda: secrets.token_urlsafe(32))
 

@@ -127,13 +127,6 @@ def test_browser_launch_picks_native_mode_and_keeps_stdout_clean() -> None:
     assert "serving native messaging" in log_file.read_text()
 
 
-@pytest.mark.parametrize("sub", ["hardware"])
-def test_subcommands_not_built_yet_exit_non_zero(sub: str) -> None:
-    result = run_cli(sub, "list")
-    assert result.returncode == 2
-    assert "not available in this build yet" in result.stderr
-
-
 def test_refuses_non_loopback_bind_without_api_key() -> None:
     result = run_cli("--mode", "http", "--host", "0.0.0.0", "--port", str(free_port()))
     assert result.returncode == 1

@@ -111,11 +111,13 @@ class LlamaModel:
         if not os.path.isfile(path):
             raise FileNotFoundError(f"no GGUF file at {path}")
 
+        self.n_threads = n_threads or physical_cores()
+
         def open_model(context: int) -> llama_cpp.Llama:
             return llama_cpp.Llama(
                 model_path=path,
                 n_ctx=context,
-                n_threads=n_threads or physical_cores(),
+                n_threads=self.n_threads,
                 n_batch=n_batch or 512,
                 n_gpu_layers=n_gpu_layers,
                 verbose=False,

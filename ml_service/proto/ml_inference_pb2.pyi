@@ -55,7 +55,7 @@ class LoadModelRequest(_message.Message):
     def __init__(self, model_id: _Optional[str] = ..., backend: _Optional[_Union[Backend, str]] = ..., path: _Optional[str] = ..., llama: _Optional[_Union[LlamaOptions, _Mapping]] = ..., onnx: _Optional[_Union[OnnxOptions, _Mapping]] = ...) -> None: ...
 
 class ModelInfo(_message.Message):
-    __slots__ = ("model_id", "backend", "path", "load_seconds", "memory_bytes", "context_length", "embedding_dimensions", "has_chat_template", "providers")
+    __slots__ = ("model_id", "backend", "path", "load_seconds", "memory_bytes", "context_length", "embedding_dimensions", "has_chat_template", "providers", "n_threads", "n_gpu_layers")
     MODEL_ID_FIELD_NUMBER: _ClassVar[int]
     BACKEND_FIELD_NUMBER: _ClassVar[int]
     PATH_FIELD_NUMBER: _ClassVar[int]
@@ -65,6 +65,8 @@ class ModelInfo(_message.Message):
     EMBEDDING_DIMENSIONS_FIELD_NUMBER: _ClassVar[int]
     HAS_CHAT_TEMPLATE_FIELD_NUMBER: _ClassVar[int]
     PROVIDERS_FIELD_NUMBER: _ClassVar[int]
+    N_THREADS_FIELD_NUMBER: _ClassVar[int]
+    N_GPU_LAYERS_FIELD_NUMBER: _ClassVar[int]
     model_id: str
     backend: Backend
     path: str
@@ -74,7 +76,9 @@ class ModelInfo(_message.Message):
     embedding_dimensions: int
     has_chat_template: bool
     providers: _containers.RepeatedScalarFieldContainer[str]
-    def __init__(self, model_id: _Optional[str] = ..., backend: _Optional[_Union[Backend, str]] = ..., path: _Optional[str] = ..., load_seconds: _Optional[float] = ..., memory_bytes: _Optional[int] = ..., context_length: _Optional[int] = ..., embedding_dimensions: _Optional[int] = ..., has_chat_template: bool = ..., providers: _Optional[_Iterable[str]] = ...) -> None: ...
+    n_threads: int
+    n_gpu_layers: int
+    def __init__(self, model_id: _Optional[str] = ..., backend: _Optional[_Union[Backend, str]] = ..., path: _Optional[str] = ..., load_seconds: _Optional[float] = ..., memory_bytes: _Optional[int] = ..., context_length: _Optional[int] = ..., embedding_dimensions: _Optional[int] = ..., has_chat_template: bool = ..., providers: _Optional[_Iterable[str]] = ..., n_threads: _Optional[int] = ..., n_gpu_layers: _Optional[int] = ...) -> None: ...
 
 class UnloadModelRequest(_message.Message):
     __slots__ = ("model_id",)

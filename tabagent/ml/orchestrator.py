@@ -142,7 +142,7 @@ class ModelOrchestrator:
         request_timeout: float = 300.0,
         concurrency: dict[ModelKind, int] | None = None,
         load_timeout: float = 120.0,
-        llama_options: pb.LlamaOptions | None = None,
+        llama_options: Callable[[ModelSpec], pb.LlamaOptions] | None = None,
         on_load: Callable[[str, float], None] = lambda model, seconds: None,
     ) -> None:
         self.supervisor = supervisor
@@ -154,7 +154,9 @@ class ModelOrchestrator:
         # llama contexts serve one generation at a time; embeddings and vision batch well
         self.concurrency = concurrency or {"chat": 1, "embedding": 2, "vision": 2}
         self.load_timeout = load_timeout
-        self.llama_options = llama_options or pb.LlamaOptions()
+        # how a GGUF model is loaded (context, threads, GPU layers): decided per model at load
+        # time, from the hardware as it is then (free VRAM changes)
+        self.llama_options = llama_options or (lambda spec: pb.LlamaOptions())
         self._on_load = on_load
         self._slots: dict[str, _Slot] = {}
         self._lock = asyncio.Lock()
@@ -212,6 +214,9 @@ class ModelOrchestrator:
             slot = self._slots.get(model_id)
             if slot is None:
                 await self._make_room(spec, request_id)
+                llama = None
+                if spec.backend == pb.LLAMA_CPP:
+                    llama = await asyncio.to_thread(self.llama_options, spec)
                 started = time.perf_counter()
                 info = await self.supervisor.unary(
                     "LoadModel",
@@ -219,7 +224,7 @@ class ModelOrchestrator:
                         model_id=spec.id,
                         backend=spec.backend,  # type: ignore[arg-type]
                         path=spec.path,
-                        llama=self.llama_options if spec.backend == pb.LLAMA_CPP else None,
+                        llama=llama,
                     ),
                     request_id,
                     self.load_timeout,

@@ -2,7 +2,17 @@
 
 from __future__ import annotations
 
-from tabagent.ops import chat, conversations, embeddings, memory, models, system, vision, webrtc
+from tabagent.ops import (
+    chat,
+    conversations,
+    embeddings,
+    hardware,
+    memory,
+    models,
+    system,
+    vision,
+    webrtc,
+)
 from tabagent.ops.registry import Registry
 
 
@@ -10,6 +20,7 @@ def default_registry() -> Registry:
     """Every operation the server offers."""
     return Registry(
         system.group,
+        hardware.group,
         models.group,
         chat.group,
         embeddings.group,

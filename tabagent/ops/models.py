@@ -36,6 +36,10 @@ class ModelCard(BaseModel):
     context_length: int | None = None
     embedding_dimensions: int | None = None
     memory_bytes: int | None = Field(None, description="Measured when loaded.")
+    n_threads: int | None = Field(None, description="GGUF models: generation threads in use.")
+    n_gpu_layers: int | None = Field(
+        None, description="GGUF models: layers offloaded to a GPU (-1: all, 0: none)."
+    )
 
 
 class ModelList(BaseModel):
@@ -79,6 +83,8 @@ def _card(spec: ModelSpec, info: pb.ModelInfo | None) -> ModelCard:
         context_length=(info.context_length or None) if info else None,
         embedding_dimensions=(info.embedding_dimensions or None) if info else None,
         memory_bytes=(info.memory_bytes or None) if info else None,
+        n_threads=(info.n_threads or None) if info else None,
+        n_gpu_layers=info.n_gpu_layers if info and spec.backend == pb.LLAMA_CPP else None,
     )
 
 
