@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import logging
 import os
 import signal
@@ -34,12 +35,30 @@ GRACE_SECONDS = 5.0
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="ml-service", description=__doc__)
-    parser.add_argument("--listen", required=True, help="unix:/path/to.sock or 127.0.0.1:PORT")
+    parser.add_argument(
+        "--capabilities",
+        action="store_true",
+        help="print what this worker's libraries can do (JSON) and exit",
+    )
+    parser.add_argument("--listen", help="unix:/path/to.sock or 127.0.0.1:PORT")
     parser.add_argument("--parent-pid", type=int, default=0, help="exit when this process dies")
-    parser.add_argument("--cache-dir", type=Path, required=True, help="converted-model cache")
+    parser.add_argument("--cache-dir", type=Path, help="converted-model cache")
     parser.add_argument("--log-level", default="INFO")
     parser.add_argument("--log-dir", type=Path, default=None)
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    if not args.capabilities and (args.listen is None or args.cache_dir is None):
+        parser.error("--listen and --cache-dir are required")
+    return args
+
+
+def capabilities() -> dict[str, object]:
+    """onnxruntime's execution providers and whether llama.cpp can offload to a GPU."""
+    from tabagent.hardware.run import list_onnxruntime_providers, llama_supports_gpu_offload
+
+    return {
+        "onnxruntime_providers": list_onnxruntime_providers(),
+        "llama_gpu_offload": llama_supports_gpu_offload(),
+    }
 
 
 async def serve(args: argparse.Namespace, token: str) -> None:
@@ -93,6 +112,9 @@ def prepare_socket(listen: str) -> None:
 
 def main(argv: Sequence[str] | None = None) -> None:
     args = parse_args(argv)
+    if args.capabilities:
+        sys.stdout.write(json.dumps(capabilities()) + "\n")
+        return
     prepare_socket(args.listen)
     # mediapipe imports matplotlib, which writes a font cache: keep it in our cache, not the
     # user's ~/.cache and ~/.config.

@@ -9,12 +9,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import os
 import signal
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
-from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -141,7 +141,7 @@ def build_ml(settings: Settings, state: AppState, registry: CollectorRegistry) -
         default_keep_alive=settings.keep_alive,
         max_queue=settings.max_queue,
         request_timeout=settings.request_timeout,
-        llama_options=partial(_llama_options, settings, state.hardware),
+        llama_options=functools.partial(_llama_options, settings, state.hardware),
         on_load=lambda model, seconds: metrics.model_load.labels(model).observe(seconds),
     )
     metrics.queue_depth.set_function(orchestrator.queue_depth)
@@ -243,6 +243,21 @@ def _webrtc_component(
     return lifetime
 
 
+def server_hardware() -> HardwareCache:
+    """Hardware detection for the server: what onnxruntime and llama.cpp support is asked of the
+    worker program once (they run there, and importing them here would cost memory for good)."""
+    from tabagent.hardware.run import Probe
+    from tabagent.ml.supervisor import worker_capabilities
+
+    caps = functools.cache(worker_capabilities)
+    return HardwareCache(
+        Probe(
+            onnxruntime_providers=lambda: list(caps().get("onnxruntime_providers", [])),
+            llama_gpu_offload=lambda: bool(caps().get("llama_gpu_offload", False)),
+        )
+    )
+
+
 def _hardware_component(state: AppState) -> Callable[[web.Application], AsyncIterator[None]]:
     """Detect the hardware in the background at start-up; health shows the one-line summary."""
 
@@ -317,6 +332,7 @@ def build_app(
     app[STATE] = state
     app[OPENAPI] = build_openapi(registry)
     state.models = build_models(settings, state.metrics)
+    state.hardware = server_hardware()
     app.cleanup_ctx.append(_hardware_component(state))
     if settings.ml_worker:
         state.ml = build_ml(settings, state, state.metrics.registry)

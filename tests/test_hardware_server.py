@@ -83,6 +83,14 @@ def test_the_operation_health_and_the_loaded_model(server: RunningServer) -> Non
         assert time.monotonic() < deadline, health
         time.sleep(0.05)
     assert health["components"]["hardware"]["detail"] == report["summary"]
+    # what onnxruntime and llama.cpp support was asked of the worker program: the server
+    # itself never loads them (they would stay in its memory for one answer)
+    assert report["hardware"]["accelerators"]["onnxruntime_providers"][-1:] == [
+        "CPUExecutionProvider"
+    ]
+    maps = Path(f"/proc/{server.proc.pid}/maps").read_text()
+    assert "onnxruntime" not in maps
+    assert "libllama" not in maps
 
     # the orchestrator loads the model with the plan's figures
     status, _ = post_json(f"{server.base_url}/v1/models/load", {"model": "smollm2-135m-instruct"})

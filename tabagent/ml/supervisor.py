@@ -12,11 +12,13 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import json
 import logging
 import os
 import secrets
 import signal
 import socket
+import subprocess
 import sys
 import tempfile
 import time
@@ -43,13 +45,31 @@ _MAX_UNIX_PATH = 100  # sun_path is 104-108 bytes depending on the OS
 _MESSAGE_BYTES = 64 * 1024 * 1024
 
 
-def _worker_command(listen: str, cache_dir: Path, log_level: str, log_dir: Path) -> list[str]:
+def worker_program() -> list[str]:
+    """The command that runs the ML worker, before its arguments."""
     if getattr(sys, "frozen", False):  # the single binary spawns itself
-        head = [sys.executable, "ml-service"]
-    else:
-        head = [sys.executable, "-m", "ml_service"]
+        return [sys.executable, "ml-service"]
+    return [sys.executable, "-m", "ml_service"]
+
+
+def worker_capabilities(timeout: float = 60.0) -> dict[str, Any]:
+    """What the worker's libraries can do (``ml-service --capabilities``), asked of a short-lived
+    worker process: importing onnxruntime in the server would cost it ~25 MiB for one answer.
+    Empty when the worker cannot start (logged)."""
+    try:
+        done = subprocess.run(
+            [*worker_program(), "--capabilities"],
+            capture_output=True, text=True, timeout=timeout, check=True, stdin=subprocess.DEVNULL,
+        )  # fmt: skip
+        return dict(json.loads(done.stdout))
+    except (OSError, subprocess.SubprocessError, ValueError) as exc:
+        log.warning("cannot ask the ML worker what it supports: %s", exc)
+        return {}
+
+
+def _worker_command(listen: str, cache_dir: Path, log_level: str, log_dir: Path) -> list[str]:
     return [
-        *head,
+        *worker_program(),
         "--listen", listen,
         "--parent-pid", str(os.getpid()),
         "--cache-dir", str(cache_dir),
