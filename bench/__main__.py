@@ -26,6 +26,7 @@ BENCHMARKS = {
         "bench.native",
         "native messaging: round trip and messages/s; chat TTFT native vs HTTP SSE",
     ),
+    "hardware": ("bench.hardware", "cold hardware detection vs py-cpuinfo's get_cpu_info()"),
     "webrtc": (
         "bench.webrtc",
         "WebRTC: offer to open data channel p50/p95; chat TTFT over the data channel vs HTTP SSE",
