@@ -119,6 +119,7 @@ def pulled_specs(models: ModelService) -> list[ModelSpec]:
 
 def build_ml(settings: Settings, state: AppState, registry: CollectorRegistry) -> MLServices:
     """The worker supervisor and the model orchestrator, wired to health and metrics."""
+    from ml_service.proto import ml_inference_pb2 as pb
     from tabagent.ml.orchestrator import ModelOrchestrator, embedded_models
     from tabagent.ml.services import MLMetrics, MLServices
     from tabagent.ml.supervisor import WorkerSupervisor
@@ -142,6 +143,7 @@ def build_ml(settings: Settings, state: AppState, registry: CollectorRegistry) -
         max_queue=settings.max_queue,
         request_timeout=settings.request_timeout,
         llama_options=functools.partial(_llama_options, settings, state.hardware),
+        onnx_options=pb.OnnxOptions(providers=list(settings.onnx_providers)),
         on_load=lambda model, seconds: metrics.model_load.labels(model).observe(seconds),
     )
     metrics.queue_depth.set_function(orchestrator.queue_depth)

@@ -58,11 +58,11 @@ def hardware_command(settings_of: Any) -> click.Command:
                 "hardware": hw.model_dump(mode="json"),
                 "summary": hw.summary(),
                 "llama": {k: v.model_dump(mode="json") for k, v in plans.items()},
-                "onnx_providers": onnx_providers(hw),
+                "onnx_providers": onnx_providers(hw, settings.onnx_providers),
             }
             click.echo(json.dumps(report, indent=2))
             return
-        _print_tables(hw, plans, onnx_providers(hw))
+        _print_tables(hw, plans, onnx_providers(hw, settings.onnx_providers))
 
     return hardware
 

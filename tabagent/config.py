@@ -175,9 +175,19 @@ class Settings(BaseModel):
         le=10_000,
         description="Layers offloaded to the GPU (-1: all, 0: none; unset: from free VRAM).",
     )
+    onnx_providers: tuple[str, ...] = Field(
+        (),
+        description="onnxruntime execution providers for embedding models, in order "
+        "(comma-separated in the environment); none: the best available.",
+    )
 
     @field_validator(
-        "allowed_hosts", "allowed_origins", "extension_ids", "webrtc_ice_servers", mode="before"
+        "allowed_hosts",
+        "allowed_origins",
+        "extension_ids",
+        "webrtc_ice_servers",
+        "onnx_providers",
+        mode="before",
     )
     @classmethod
     def _split_commas(cls, value: Any) -> Any:

@@ -140,6 +140,13 @@ def test_onnx_providers_follow_the_workers_order() -> None:
         "CPUExecutionProvider",
     ]
     assert onnx_providers(machine(providers=())) == ["CPUExecutionProvider"]
+    # the user's choice and order win, among the providers this onnxruntime has
+    chosen = ["OpenVINOExecutionProvider", "ROCMExecutionProvider", "CUDAExecutionProvider"]
+    assert onnx_providers(hw, chosen) == [
+        "OpenVINOExecutionProvider",
+        "CUDAExecutionProvider",
+        "CPUExecutionProvider",
+    ]
 
 
 def test_gguf_metadata_of_the_embedded_model() -> None:

@@ -18,13 +18,14 @@ Every figure can be overridden by the user's settings; the plan says which were.
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
 from pydantic import BaseModel, Field
 
-from ml_service.backends.providers import choose_providers
+from ml_service.backends.providers import CPU_PROVIDER, choose_providers
 from tabagent.hardware.gguf_meta import GgufError, read_metadata
 from tabagent.hardware.model import Gpu, HardwareInfo
 
@@ -184,6 +185,11 @@ def plan_llama(
     return result("some", fit_layers, gpu, int(per_layer * fit_layers) + 256 * MIB)
 
 
-def onnx_providers(hw: HardwareInfo) -> list[str]:
-    """onnxruntime providers the worker uses for embeddings, best first (the worker's order)."""
-    return choose_providers(hw.accelerators.onnxruntime_providers)
+def onnx_providers(hw: HardwareInfo, requested: Sequence[str] = ()) -> list[str]:
+    """onnxruntime providers the worker uses for embeddings, best first: the user's, those of
+    them this onnxruntime has, in their order; else the worker's order. CPU always ends it."""
+    available = hw.accelerators.onnxruntime_providers
+    if not requested:
+        return choose_providers(available)
+    chosen = [p for p in dict.fromkeys(requested) if p in available and p != CPU_PROVIDER]
+    return [*chosen, CPU_PROVIDER]

@@ -143,6 +143,7 @@ class ModelOrchestrator:
         concurrency: dict[ModelKind, int] | None = None,
         load_timeout: float = 120.0,
         llama_options: Callable[[ModelSpec], pb.LlamaOptions] | None = None,
+        onnx_options: pb.OnnxOptions | None = None,
         on_load: Callable[[str, float], None] = lambda model, seconds: None,
     ) -> None:
         self.supervisor = supervisor
@@ -157,6 +158,7 @@ class ModelOrchestrator:
         # how a GGUF model is loaded (context, threads, GPU layers): decided per model at load
         # time, from the hardware as it is then (free VRAM changes)
         self.llama_options = llama_options or (lambda spec: pb.LlamaOptions())
+        self.onnx_options = onnx_options
         self._on_load = on_load
         self._slots: dict[str, _Slot] = {}
         self._lock = asyncio.Lock()
@@ -225,6 +227,7 @@ class ModelOrchestrator:
                         backend=spec.backend,  # type: ignore[arg-type]
                         path=spec.path,
                         llama=llama,
+                        onnx=self.onnx_options if spec.backend == pb.ONNX_EMBEDDING else None,
                     ),
                     request_id,
                     self.load_timeout,

@@ -51,5 +51,8 @@ async def hardware(ctx: OpContext, req: HardwareRequest) -> HardwareReport:
     hw = await asyncio.to_thread(ctx.state.hardware.get, req.refresh)
     plans = await asyncio.to_thread(llama_plans, ctx, hw)
     return HardwareReport(
-        hardware=hw, summary=hw.summary(), llama=plans, onnx_providers=onnx_providers(hw)
+        hardware=hw,
+        summary=hw.summary(),
+        llama=plans,
+        onnx_providers=onnx_providers(hw, ctx.state.settings.onnx_providers),
     )
