@@ -667,3 +667,53 @@ def test_cache_detects_once_until_refreshed() -> None:
     assert refreshed is not results[0]
     assert len(detections) == 2
     assert cache.get() is refreshed
+
+
+# --- recommendations on each recorded machine -------------------------------------------------
+
+
+def _fixture_probe(name: str) -> Probe:
+    mac = {"macos_apple_silicon": ("arm64", M2_PRO_CPUINFO, (12, 12)),
+           "macos_intel": ("x86_64", I9_9880H_CPUINFO, (16, 8))}  # fmt: skip
+    if name in mac:
+        arch, cpu_info, counts = mac[name]
+        output = (FIXTURES / f"{name}.json").read_text()
+        return machine(NO_FILES, system="Darwin", arch=arch, cpu_info=cpu_info,
+                       cpu_counts=counts, run=answering(macos.COMMAND, output))  # fmt: skip
+    if name == "windows_cim":
+        return windows_machine((FIXTURES / "windows_cim.json").read_text())
+    nvml = fake_nvml(RTX_4090, RTX_A4000) if name == "nvidia_workstation" else NO_DRIVER
+    return machine(FIXTURES / name, nvml=nvml)
+
+
+@pytest.mark.parametrize(
+    ("name", "gpu", "small", "large"),
+    [
+        ("nvidia_workstation", "NVIDIA GeForce RTX 4090", "all", "some"),
+        ("amd_laptop", "AMD GPU 1002:73df", "all", "some"),  # the 12 GiB card, not the APU
+        ("intel_arc_npu", None, "none", "none"),  # i915 tells no VRAM size; the iGPU is skipped
+        ("macos_apple_silicon", "Apple M2 Pro", "all", "some"),
+        ("macos_intel", "AMD Radeon Pro 5500M", "all", "some"),  # not the UHD 630
+        ("windows_cim", "NVIDIA GeForce RTX 3060 Laptop GPU", "all", "some"),
+    ],
+)
+def test_recommendations_for_a_small_and_a_large_model_on_each_machine(
+    name: str, gpu: str | None, small: str, large: str
+) -> None:
+    from tabagent.hardware.recommend import ModelFacts, plan_llama
+
+    # a llama.cpp build with GPU support (CUDA, ROCm, Metal or Vulkan)
+    info = detect(dataclasses.replace(_fixture_probe(name), llama_gpu_offload=lambda: True))
+    tiny = ModelFacts(file_bytes=99 * MIB, n_layers=30, context_length=8192,
+                      embedding_length=576, head_count=9, head_count_kv=3)  # fmt: skip
+    huge = ModelFacts(file_bytes=int(42.5 * GIB), n_layers=80, context_length=131072,
+                      embedding_length=8192, head_count=64, head_count_kv=8)  # fmt: skip
+    for facts, expected in ((tiny, small), (huge, large)):
+        plan = plan_llama(info, facts)
+        assert plan.offload == expected, plan.reasons
+        used = None if plan.gpu is None else info.gpus[plan.gpu].name
+        assert used == (gpu if expected != "none" else None), plan.reasons
+        assert plan.n_threads == info.cpu.physical_cores
+    assert plan_llama(info, tiny).fits
+    # 42.5 GiB of weights with 20 GiB of RAM free: only a GPU taking most of it would fit
+    assert not plan_llama(info, huge).fits

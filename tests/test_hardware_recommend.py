@@ -119,7 +119,18 @@ def test_apple_silicon_shares_ram_with_its_gpu() -> None:
              unified_memory=True, source="system_profiler")  # fmt: skip
     assert plan_llama(machine(m2, ram_gib=32, available_gib=20), LLAMA_8B).offload == "all"
     # 42 GiB of weights cannot sit in three quarters of 32 GiB
-    assert plan_llama(machine(m2, ram_gib=32, available_gib=20), LLAMA_70B).offload == "some"
+    big = plan_llama(machine(m2, ram_gib=32, available_gib=30), LLAMA_70B)
+    assert big.offload == "some"
+    assert big.fits is False  # the GPU's share comes out of the same 30 GiB: 46 GiB do not fit
+
+
+def test_a_card_whose_free_memory_is_unknown_is_assumed_nine_tenths_free() -> None:
+    radeon = Gpu(index=0, vendor="amd", name="Radeon Pro 5500M", kind="discrete",
+                 memory_total_bytes=8 * GIB, source="system_profiler")  # fmt: skip
+    plan = plan_llama(machine(radeon), LLAMA_8B)
+    assert plan.offload == "all"  # 5.9 GiB of 8 * 0.9 - 0.8 = 6.4 GiB
+    assert plan_llama(machine(radeon.model_copy(update={"memory_total_bytes": 6 * GIB})),
+                      LLAMA_8B).offload == "some"  # fmt: skip
 
 
 def test_the_users_settings_win() -> None:

@@ -100,10 +100,13 @@ def gpu_usable_bytes(gpu: Gpu, hw: HardwareInfo) -> int | None:
     if gpu.unified_memory:
         total = hw.memory.total_bytes
         return max(0, min(hw.memory.available_bytes, total * 3 // 4) - max(512 * MIB, total // 10))
-    if gpu.memory_free_bytes is None:
-        return None
-    total = gpu.memory_total_bytes or gpu.memory_free_bytes
-    return max(0, gpu.memory_free_bytes - max(512 * MIB, total // 10))
+    free = gpu.memory_free_bytes
+    if free is None:  # only the size is known (system_profiler, Windows CIM): assume the
+        if gpu.memory_total_bytes is None:  # desktop holds a tenth of it
+            return None
+        free = gpu.memory_total_bytes * 9 // 10
+    total = gpu.memory_total_bytes or free
+    return max(0, free - max(512 * MIB, total // 10))
 
 
 def _best_gpu(hw: HardwareInfo) -> tuple[Gpu, int] | None:
@@ -135,7 +138,8 @@ def plan_llama(
 
     def result(offload: Literal["all", "some", "none"], gpu_layers: int, gpu: Gpu | None,
                on_gpu: int) -> LlamaPlan:  # fmt: skip
-        in_ram = needed - on_gpu
+        # unified memory: what the GPU holds comes out of the same RAM
+        in_ram = needed if gpu is not None and gpu.unified_memory else needed - on_gpu
         fits = in_ram <= hw.memory.available_bytes
         if not fits:
             reasons.append(
@@ -161,7 +165,7 @@ def plan_llama(
         return result("none", 0, None, 0)
     best = _best_gpu(hw)
     if best is None:
-        reasons.append("CPU only: no GPU with a known amount of free memory")
+        reasons.append("CPU only: no GPU with a known amount of memory")
         return result("none", 0, None, 0)
     gpu, usable = best
     if needed <= usable:
