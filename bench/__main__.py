@@ -26,6 +26,7 @@ BENCHMARKS = {
         "bench.native",
         "native messaging: round trip and messages/s; chat TTFT native vs HTTP SSE",
     ),
+    "binary": ("bench.binary", "single binary: cold start and first token vs the virtualenv; size"),
     "hardware": ("bench.hardware", "cold hardware detection vs py-cpuinfo's get_cpu_info()"),
     "webrtc": (
         "bench.webrtc",

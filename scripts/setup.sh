@@ -46,8 +46,9 @@ if command -v apt-get >/dev/null; then
   if ! "$PYTHON" -c 'import ensurepip, venv' 2>/dev/null; then apt_install python3-venv; fi
   command -v cc >/dev/null && command -v c++ >/dev/null || apt_install build-essential
   if ((DEV)); then
-    # Real headless Chromium for the browser tests; wrk drives the HTTP benchmark.
-    apt_install chromium chromium-driver wrk
+    # Real headless Chromium for the browser tests; wrk drives the HTTP benchmark; PyInstaller
+    # reads shared libraries' dependencies with objdump (binutils) when it builds the binary.
+    apt_install chromium chromium-driver wrk binutils
   fi
 fi
 

@@ -126,14 +126,17 @@ def running_server(
     args: Sequence[str] = ("--mode", "web"),
     env: Mapping[str, str] | None = None,
     log_dir: Path | None = None,
+    program: str = SERVER_BIN,
+    timeout: float = 30.0,
 ) -> Iterator[RunningServer]:
-    """``tabagent-server ARGS --port <free>`` as a subprocess; healthy on entry, SIGTERM on exit."""
+    """``tabagent-server ARGS --port <free>`` as a subprocess; healthy on entry, SIGTERM on exit
+    (``program``: another build of it, the frozen binary say)."""
     port = free_port()
     log_dir = log_dir or Path(os.environ.get("HOME", "/tmp"))
     stderr_path = log_dir / f"server-{port}.stderr"
     with stderr_path.open("wb") as stderr:
         proc = subprocess.Popen(
-            [SERVER_BIN, *args, "--port", str(port)],
+            [program, *args, "--port", str(port)],
             stdin=subprocess.DEVNULL,
             stdout=subprocess.PIPE,
             stderr=stderr,
@@ -141,7 +144,7 @@ def running_server(
         )
     server = RunningServer(proc, f"http://127.0.0.1:{port}", port, stderr_path)
     try:
-        wait_for_health(server.base_url, proc)
+        wait_for_health(server.base_url, proc, timeout)
         yield server
     finally:
         if proc.poll() is None:

@@ -70,14 +70,16 @@ async def start_host(
     log_dir: Path | None = None,
     stdin: Any = asyncio.subprocess.PIPE,
     args: tuple[str, ...] = (ORIGIN,),
+    program: str = SERVER_BIN,
 ) -> Host:
-    """``tabagent-server chrome-extension://<id>/`` with pipes, as the browser starts it."""
+    """``tabagent-server chrome-extension://<id>/`` with pipes, as the browser starts it
+    (``program``: another build of it, the frozen binary say)."""
     log_dir = log_dir or Path(os.environ.get("HOME", "/tmp"))
     log_dir.mkdir(parents=True, exist_ok=True)
     stderr_path = log_dir / f"host-{os.urandom(4).hex()}.stderr"
     with stderr_path.open("wb") as stderr:
         proc = await asyncio.create_subprocess_exec(
-            SERVER_BIN,
+            program,
             *args,
             stdin=stdin,
             stdout=asyncio.subprocess.PIPE,
