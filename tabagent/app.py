@@ -154,15 +154,9 @@ def _llama_options(settings: Settings, hardware: HardwareCache, spec: ModelSpec)
     """How to load a GGUF model now: the user's settings, the rest from the hardware as it is
     (free VRAM right before the load)."""
     from ml_service.proto import ml_inference_pb2 as pb
-    from tabagent.hardware.recommend import ModelFacts, plan_llama
+    from tabagent.ops.hardware import plan_gguf
 
-    plan = plan_llama(
-        hardware.get(refresh=True),
-        ModelFacts.from_gguf(Path(spec.path)),
-        n_ctx=settings.n_ctx,
-        n_threads=settings.n_threads,
-        n_gpu_layers=settings.n_gpu_layers,
-    )
+    plan = plan_gguf(hardware.get(refresh=True), Path(spec.path), settings)
     log.info("loading %s: %s", spec.id, "; ".join(plan.reasons))
     return pb.LlamaOptions(
         n_ctx=settings.n_ctx, n_threads=plan.n_threads, n_gpu_layers=plan.n_gpu_layers

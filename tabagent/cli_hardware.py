@@ -39,18 +39,13 @@ def hardware_command(settings_of: Any) -> click.Command:
     def hardware(ctx: click.Context, as_json: bool) -> None:
         """Show detected CPU, GPUs, NPUs and acceleration, and how local models will run."""
         from tabagent.hardware.detect import detect
-        from tabagent.hardware.recommend import ModelFacts, onnx_providers, plan_llama
+        from tabagent.hardware.recommend import onnx_providers
+        from tabagent.ops.hardware import plan_gguf
 
         settings: Settings = settings_of(ctx)
         hw = detect()
         plans = {
-            model_id: plan_llama(
-                hw,
-                ModelFacts.from_gguf(path),
-                n_ctx=settings.n_ctx,
-                n_threads=settings.n_threads,
-                n_gpu_layers=settings.n_gpu_layers,
-            )
+            model_id: plan_gguf(hw, path, settings)
             for model_id, path in local_gguf_models(settings)
         }
         if as_json:

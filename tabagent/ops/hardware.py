@@ -7,6 +7,7 @@ from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from tabagent.config import Settings
 from tabagent.hardware.model import HardwareInfo
 from tabagent.hardware.recommend import LlamaPlan, ModelFacts, onnx_providers, plan_llama
 from tabagent.ops.registry import Http, OpContext, OperationGroup
@@ -29,20 +30,24 @@ class HardwareReport(BaseModel):
     onnx_providers: list[str] = Field(description="Execution providers for embedding models.")
 
 
+def plan_gguf(hw: HardwareInfo, path: Path, settings: Settings) -> LlamaPlan:
+    """The plan for one GGUF file under the user's settings (each set one wins)."""
+    return plan_llama(
+        hw,
+        ModelFacts.from_gguf(path),
+        n_ctx=settings.n_ctx,
+        n_threads=settings.n_threads,
+        n_gpu_layers=settings.n_gpu_layers,
+    )
+
+
 def llama_plans(ctx: OpContext, hw: HardwareInfo) -> dict[str, LlamaPlan]:
-    settings = ctx.state.settings
-    plans = {}
     specs = ctx.state.ml.orchestrator.catalog.values() if ctx.state.ml else []
-    for spec in specs:
-        if spec.kind == "chat" and spec.path.endswith(".gguf") and Path(spec.path).is_file():
-            plans[spec.id] = plan_llama(
-                hw,
-                ModelFacts.from_gguf(Path(spec.path)),
-                n_ctx=settings.n_ctx,
-                n_threads=settings.n_threads,
-                n_gpu_layers=settings.n_gpu_layers,
-            )
-    return plans
+    return {
+        spec.id: plan_gguf(hw, Path(spec.path), ctx.state.settings)
+        for spec in specs
+        if spec.kind == "chat" and spec.path.endswith(".gguf") and Path(spec.path).is_file()
+    }
 
 
 @group.operation("system.hardware", http=Http("GET", "/v1/system/hardware"))
