@@ -189,14 +189,26 @@ def build_memory(settings: Settings, ml: MLServices | None) -> Memory:
     return Memory(settings.db_path, embedder=embedder)
 
 
-def _memory_component(
+def _memory_components(
     state: AppState, settings: Settings, *, required: bool
-) -> Callable[[web.Application], AsyncIterator[None]]:
-    async def lifetime(app: web.Application) -> AsyncIterator[None]:
+) -> tuple[Callable[[web.Application], AsyncIterator[None]], ...]:
+    """Two start-up steps: ``prepare`` starts building the memory store in a thread (importing
+    the vector stack, LanceDB, takes a second or two; a native host answers the browser's hello
+    meanwhile and the ML worker starts beside it), ``lifetime`` opens it once built."""
+    building: asyncio.Task[Memory] | None = None
+
+    async def prepare(app: web.Application) -> AsyncIterator[None]:
+        nonlocal building
         state.components.set("memory", "starting")
-        # built here, in a thread: importing the vector stack (LanceDB) takes a second or two,
-        # and a native host answers the browser's hello meanwhile
-        memory = await asyncio.to_thread(build_memory, settings, state.ml)
+        building = asyncio.create_task(asyncio.to_thread(build_memory, settings, state.ml))
+        yield
+        if not building.done():  # start-up failed before the memory step
+            building.cancel()
+            await asyncio.gather(building, return_exceptions=True)
+
+    async def lifetime(app: web.Application) -> AsyncIterator[None]:
+        assert building is not None
+        memory = await building
         try:
             await memory.open()
         except TabAgentError as exc:
@@ -213,7 +225,7 @@ def _memory_component(
         await memory.close()
         state.components.set("memory", "down", "closed")
 
-    return lifetime
+    return prepare, lifetime
 
 
 def _webrtc_component(
@@ -268,7 +280,8 @@ def _hardware_component(state: AppState) -> Callable[[web.Application], AsyncIte
         state.components.set("hardware", "ok", hw.summary())
 
     async def lifetime(app: web.Application) -> AsyncIterator[None]:
-        state.components.set("hardware", "starting", "detecting")
+        # informational: the server serves meanwhile (a load detects for itself if it must)
+        state.components.set("hardware", "ok", "detecting")
         task = asyncio.create_task(detect(), name="hardware-detection")
         yield
         task.cancel()
@@ -329,16 +342,22 @@ def build_app(
     app[OPENAPI] = build_openapi(registry)
     state.models = build_models(settings, state.metrics)
     state.hardware = server_hardware()
-    app.cleanup_ctx.append(_hardware_component(state))
     if settings.ml_worker:
         state.ml = build_ml(settings, state, state.metrics.registry)
-        app.cleanup_ctx.append(_ml_component(state.ml))
     if settings.memory:
-        app.cleanup_ctx.append(_memory_component(state, settings, required=memory_required))
+        # built in a thread while the ML worker starts (both take about a second)
+        prepare, open_memory = _memory_components(state, settings, required=memory_required)
+        app.cleanup_ctx.append(prepare)
     else:
         state.components.set("memory", "off", "started with --memory false")
+    if state.ml is not None:
+        app.cleanup_ctx.append(_ml_component(state.ml))
+    if settings.memory:
+        app.cleanup_ctx.append(open_memory)
     if transports.http:
         app.cleanup_ctx.append(_http_component(state))
+    # last: detection asks a worker process of its own, which would compete with start-up
+    app.cleanup_ctx.append(_hardware_component(state))
 
     # native hosts of this user that find this server in the run directory relay to it here
     add_envelope_route(app, state.run_token, settings.max_body_bytes)
