@@ -22,14 +22,13 @@ for arg in "$@"; do
 done
 scripts/setup.sh --dev
 
-# What the binary is made of: our sources (tracked or new, not ignored), the installed
+# What the binary is made of: our sources (whether or not git is there), the installed
 # packages, and the switches. Equal to the stamp of the last build: nothing to do.
 stamp=dist/tabagent-server/.source-hash
 source_hash=$(
   {
-    git ls-files -z --cached --others --exclude-standard -- \
-      tabagent ml_service packaging extension requirements pyproject.toml \
-      | xargs -0 sha256sum
+    find tabagent ml_service packaging extension requirements pyproject.toml -type f \
+      -not -path '*/__pycache__/*' -print0 | sort -z | xargs -0 sha256sum
     .venv/bin/python -m pip freeze --all
     echo "models=$TABAGENT_BUILD_MODELS onefile=$TABAGENT_BUILD_ONEFILE"
   } | sha256sum | cut -d' ' -f1
