@@ -47,6 +47,7 @@ import aiohttp
 
 from bench import harness
 from ml_service.backends.llama import physical_cores
+from tests.envelope_client import EnvelopeClient
 from tests.native_host import ORIGIN, Host
 
 QUIET_CORES = 0.1  # foreign CPU above this (in cores) marks a measurement as noisy
@@ -390,16 +391,18 @@ def _chat_params() -> dict[str, Any]:
             "max_tokens": CHAT_TOKENS, "temperature": 0}  # fmt: skip
 
 
-async def _native_chat(host: Host, request_id: str) -> ChatSample:
+async def envelope_chat(client: EnvelopeClient, request_id: str) -> ChatSample:
+    """One timed ``chat.complete`` over the envelope, whatever carries it (native, WebRTC)."""
     probe = harness.ForeignLoad()
     start = time.perf_counter()
-    await host.send({"id": request_id, "method": "chat.complete", "params": _chat_params()})
+    request = {"id": request_id, "method": "chat.complete", "params": _chat_params()}
+    await client.send_request(request)
     stamps = []
-    async for event in host.events(request_id, within=120):
+    async for event in client.events(request_id, within=120):
         if event["event"] == "delta" and event["data"].get("text"):
             stamps.append(time.perf_counter())
         elif event["event"] == "error":
-            raise RuntimeError(f"native chat failed: {event['error']}")
+            raise RuntimeError(f"chat over {type(client).__name__} failed: {event['error']}")
     return _chat_sample(start, stamps, time.perf_counter(), probe)
 
 
@@ -427,10 +430,10 @@ async def _chat_native(
 ) -> list[ChatSample]:
     ids = (f"chat{n}" for n in itertools.count())
     async with _native_host(env, home, []) as host:
-        await _native_chat(host, "warm-up")  # loads the model
+        await envelope_chat(host, "warm-up")  # loads the model
         await quiet.wait()
         return [
-            await quiet.take(lambda: _native_chat(host, next(ids))) for _ in range(plan.chat_runs)
+            await quiet.take(lambda: envelope_chat(host, next(ids))) for _ in range(plan.chat_runs)
         ]
 
 

@@ -29,28 +29,14 @@ from bench.native import (
     N_CTX,
     READY_S,
     ChatSample,
-    _chat_params,
-    _chat_sample,
     _http_chat,
     _percentile,
+    envelope_chat,
 )
 from ml_service.backends.llama import physical_cores
-from tests.webrtc_client import Peer, connect
+from tests.webrtc_client import connect
 
 TARGET_P50_MS = 100.0
-
-
-async def _webrtc_chat(peer: Peer, request_id: str) -> ChatSample:
-    probe = harness.ForeignLoad()
-    start = time.perf_counter()
-    peer.send({"id": request_id, "method": "chat.complete", "params": _chat_params()})
-    stamps = []
-    async for event in peer.events(request_id, within=120):
-        if event["event"] == "delta" and event["data"].get("text"):
-            stamps.append(time.perf_counter())
-        elif event["event"] == "error":
-            raise RuntimeError(f"WebRTC chat failed: {event['error']}")
-    return _chat_sample(start, stamps, time.perf_counter(), probe)
 
 
 async def _measure(base: str, connects: int, chat_runs: int) -> tuple[list[float], dict]:
@@ -70,8 +56,8 @@ async def _measure(base: str, connects: int, chat_runs: int) -> tuple[list[float
         ids = (f"chat{n}" for n in itertools.count())
         peer = await connect(http, base)
         try:
-            await _webrtc_chat(peer, "warm-up")  # loads the model
-            rtc = [await _webrtc_chat(peer, next(ids)) for _ in range(chat_runs)]
+            await envelope_chat(peer, "warm-up")  # loads the model
+            rtc = [await envelope_chat(peer, next(ids)) for _ in range(chat_runs)]
         finally:
             await peer.pc.close()
         await _http_chat(http, url)  # warm-up
