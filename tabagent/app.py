@@ -106,21 +106,10 @@ def build_models(settings: Settings, metrics: Metrics) -> ModelService:
     )
 
 
-def pulled_specs(models: ModelService) -> list[ModelSpec]:
-    from tabagent.ml.orchestrator import cached_spec
-
-    specs = []
-    for model in models.cache.models():
-        spec = cached_spec(model, [Path(p) for p in models.paths(model)])
-        if spec is not None:
-            specs.append(spec)
-    return specs
-
-
 def build_ml(settings: Settings, state: AppState, registry: CollectorRegistry) -> MLServices:
     """The worker supervisor and the model orchestrator, wired to health and metrics."""
     from ml_service.proto import ml_inference_pb2 as pb
-    from tabagent.ml.orchestrator import ModelOrchestrator, embedded_models
+    from tabagent.ml.orchestrator import ModelOrchestrator, embedded_models, pulled_specs
     from tabagent.ml.services import MLMetrics, MLServices
     from tabagent.ml.supervisor import WorkerSupervisor
 
@@ -134,7 +123,7 @@ def build_ml(settings: Settings, state: AppState, registry: CollectorRegistry) -
         on_restart=metrics.worker_restarts.inc,
     )
     budget = settings.ram_budget_mb << 20 or _total_ram_bytes() // 2
-    catalog = embedded_models() + (pulled_specs(state.models) if state.models else [])
+    catalog = embedded_models() + (pulled_specs(state.models.cache) if state.models else [])
     orchestrator = ModelOrchestrator(
         supervisor,
         catalog,

@@ -19,17 +19,11 @@ def _gib(value: int | None) -> str:
 
 def local_gguf_models(settings: Settings) -> list[tuple[str, Path]]:
     """(model id, file) of the embedded chat model and every pulled GGUF model."""
-    from tabagent.ml.orchestrator import cached_spec, embedded_models
+    from tabagent.ml.orchestrator import embedded_models, pulled_specs
     from tabagent.models.cache import ModelCache
-    from tabagent.models.pull import model_paths
 
-    specs = [s for s in embedded_models() if s.kind == "chat"]
-    cache = ModelCache(settings.model_cache_path)
-    for model in cache.models():
-        spec = cached_spec(model, model_paths(cache, model))
-        if spec is not None and spec.kind == "chat":
-            specs.append(spec)
-    return [(s.id, Path(s.path)) for s in specs if s.path.endswith(".gguf")]
+    specs = embedded_models() + pulled_specs(ModelCache(settings.model_cache_path))
+    return [(s.id, Path(s.path)) for s in specs if s.kind == "chat" and s.path.endswith(".gguf")]
 
 
 def hardware_command(settings_of: Any) -> click.Command:

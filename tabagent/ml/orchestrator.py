@@ -26,7 +26,7 @@ from typing import Literal
 from ml_service.proto import ml_inference_pb2 as pb
 from tabagent.errors import NotFound, TooManyRequests
 from tabagent.ml.supervisor import WorkerSupervisor
-from tabagent.models.cache import CachedModel
+from tabagent.models.cache import CachedModel, ModelCache
 
 log = logging.getLogger(__name__)
 
@@ -101,6 +101,14 @@ def embedded_models() -> list[ModelSpec]:
             )
         )
     return specs
+
+
+def pulled_specs(cache: ModelCache) -> list[ModelSpec]:
+    """The catalog entries of every usable model pulled into ``cache``."""
+    from tabagent.models.pull import model_paths
+
+    specs = (cached_spec(model, model_paths(cache, model)) for model in cache.models())
+    return [spec for spec in specs if spec is not None]
 
 
 def cached_spec(model: CachedModel, paths: list[Path]) -> ModelSpec | None:
