@@ -28,20 +28,28 @@ SERVER_BIN = (
 _XDG_VARS = ("XDG_DATA_HOME", "XDG_CONFIG_HOME", "XDG_CACHE_HOME", "XDG_STATE_HOME")
 
 
+def home_env(home: Path) -> dict[str, str]:
+    """HOME, the XDG folders and the Hugging Face cache inside ``home`` (created), for a child
+    process's environment or :func:`isolate`."""
+    home.mkdir(parents=True, exist_ok=True)
+    runtime = home / "run"
+    runtime.mkdir(mode=0o700, exist_ok=True)
+    return {
+        "HOME": str(home),
+        **{var: str(home / var.lower()) for var in _XDG_VARS},
+        "XDG_RUNTIME_DIR": str(runtime),
+        "HF_HOME": str(home / "hf"),
+        "HF_HUB_OFFLINE": "1",
+    }
+
+
 def isolate(mp: pytest.MonkeyPatch, home: Path) -> Path:
     """Point HOME, the XDG folders and the Hugging Face cache at ``home``; forget TABAGENT_*.
 
     Tests never touch the user's real data; a test (or a module's server) gets its own folders.
     """
-    home.mkdir(parents=True, exist_ok=True)
-    mp.setenv("HOME", str(home))
-    for var in _XDG_VARS:
-        mp.setenv(var, str(home / var.lower()))
-    runtime = home / "run"
-    runtime.mkdir(mode=0o700, exist_ok=True)
-    mp.setenv("XDG_RUNTIME_DIR", str(runtime))
-    mp.setenv("HF_HOME", str(home / "hf"))
-    mp.setenv("HF_HUB_OFFLINE", "1")
+    for var, value in home_env(home).items():
+        mp.setenv(var, value)
     for name in list(os.environ):
         if name.startswith("TABAGENT_"):
             mp.delenv(name)

@@ -19,7 +19,7 @@ import pytest
 from skimage import data as skdata
 
 from tabagent import __version__
-from tests.helpers import RunningServer, http_get, post_json, running_server
+from tests.helpers import RunningServer, home_env, http_get, post_json, running_server
 from tests.native_host import native_host
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -64,9 +64,7 @@ def processes_of_the_build() -> list[int]:
 @pytest.fixture(scope="module")
 def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningServer]:
     home = tmp_path_factory.mktemp("home")
-    env = {"HOME": str(home), "XDG_DATA_HOME": str(home / "data"),
-           "XDG_STATE_HOME": str(home / "state"), "XDG_CACHE_HOME": str(home / "cache"),
-           "XDG_RUNTIME_DIR": str(home)}  # fmt: skip
+    env = home_env(home)
     with running_server(
         ("--mode", "web"), env=env, log_dir=home, program=str(BINARY), timeout=60
     ) as srv:
@@ -119,9 +117,7 @@ def test_web_mode_serves_docs_page_chat_embeddings_and_faces(server: RunningServ
 
 
 async def test_native_messaging_round_trip_and_streamed_chat(tmp_path: Path) -> None:
-    env = {"HOME": str(tmp_path), "XDG_DATA_HOME": str(tmp_path / "data"),
-           "XDG_STATE_HOME": str(tmp_path / "state"), "XDG_CACHE_HOME": str(tmp_path / "cache"),
-           "XDG_RUNTIME_DIR": str(tmp_path)}  # fmt: skip
+    env = home_env(tmp_path)
     async with native_host(env, log_dir=tmp_path, program=str(BINARY)) as host:
         hello = await host.result("session.hello")
         assert hello["transport"] == "native"
@@ -136,9 +132,7 @@ async def test_native_messaging_round_trip_and_streamed_chat(tmp_path: Path) -> 
 
 
 def test_sigterm_leaves_no_process_behind(tmp_path: Path) -> None:
-    env = {"HOME": str(tmp_path), "XDG_DATA_HOME": str(tmp_path / "data"),
-           "XDG_STATE_HOME": str(tmp_path / "state"), "XDG_CACHE_HOME": str(tmp_path / "cache"),
-           "XDG_RUNTIME_DIR": str(tmp_path)}  # fmt: skip
+    env = home_env(tmp_path)
     before = set(processes_of_the_build())
     with running_server(
         ("--mode", "all"), env=env, log_dir=tmp_path, program=str(BINARY), timeout=60
@@ -155,17 +149,12 @@ def test_sigterm_leaves_no_process_behind(tmp_path: Path) -> None:
 
 
 def test_native_install_points_the_browser_at_the_binary(tmp_path: Path) -> None:
-    env = {
-        **os.environ,
-        "HOME": str(tmp_path),
-        "XDG_CONFIG_HOME": str(tmp_path / "config"),
-        "XDG_DATA_HOME": str(tmp_path / "data"),
-        "XDG_STATE_HOME": str(tmp_path / "state"),
-    }
+    env = {**os.environ, **home_env(tmp_path)}
     done = subprocess.run(
         [str(BINARY), "native", "install", "--browser", "chrome"],
         capture_output=True, text=True, timeout=60, env=env, stdin=subprocess.DEVNULL,
     )  # fmt: skip
     assert done.returncode == 0, done.stderr
-    manifest = tmp_path / "config/google-chrome/NativeMessagingHosts/com.tabagent.host.json"
+    config = Path(env["XDG_CONFIG_HOME"])
+    manifest = config / "google-chrome/NativeMessagingHosts/com.tabagent.host.json"
     assert json.loads(manifest.read_text())["path"] == str(BINARY)

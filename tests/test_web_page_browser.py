@@ -17,7 +17,7 @@ import pytest
 from skimage import data as skdata
 
 from tests.browser import Page, chromium, off_host
-from tests.helpers import RunningServer, running_server
+from tests.helpers import RunningServer, home_env, running_server
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -40,9 +40,7 @@ def face_clip(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @contextlib.contextmanager
 def serving(mode: str, home: Path) -> Iterator[RunningServer]:
-    env = {"HOME": str(home), "XDG_DATA_HOME": str(home / "data"),
-           "XDG_STATE_HOME": str(home / "state"), "XDG_CACHE_HOME": str(home / "cache"),
-           "XDG_RUNTIME_DIR": str(home)}  # fmt: skip
+    env = home_env(home)
     with running_server(("--mode", mode), env=env, log_dir=home) as srv:
         yield srv
 
