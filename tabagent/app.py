@@ -199,7 +199,7 @@ def _memory_components(
         assert building is not None
         memory = await building
         try:
-            await memory.open()
+            await memory.open(vectors_in_background=True)
         except TabAgentError as exc:
             if required or exc.code != "database_in_use":
                 raise
@@ -208,13 +208,25 @@ def _memory_components(
             yield
             return
         state.memory = memory
-        state.components.set("memory", "ok", str(memory.root))
+        # reads and writes work now; searches wait the second or two LanceDB takes to open
+        state.components.set("memory", "ok", f"{memory.root}; vector index opening")
+        vectors = asyncio.create_task(_vectors_opened(state, memory))
         yield
+        vectors.cancel()
         state.memory = None
         await memory.close()
         state.components.set("memory", "down", "closed")
 
     return prepare, lifetime
+
+
+async def _vectors_opened(state: AppState, memory: Memory) -> None:
+    try:
+        await memory.vectors_opened()
+    except TabAgentError as exc:  # keyword reads and writes still work; search says why not
+        state.components.set("memory", "degraded", exc.message)
+    else:
+        state.components.set("memory", "ok", str(memory.root))
 
 
 def _webrtc_component(

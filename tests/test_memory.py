@@ -15,7 +15,7 @@ from typing import Any
 
 import pytest
 
-from tabagent.errors import BadRequest, NotFound
+from tabagent.errors import BadRequest, NotFound, ServiceUnavailable
 from tabagent.storage.client import MemoryClient
 from tabagent.storage.memory import Memory
 from tabagent.storage.records import NewMessage
@@ -250,3 +250,91 @@ async def test_a_search_waits_for_vectors_the_background_sync_is_still_moving(
     finally:
         release.set()
         await memory.close()
+
+
+async def test_the_vectors_open_in_the_background_while_reads_and_writes_go_on(
+    tmp_path: Path, minilm: MiniLM, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The server's start-up: the SQLite stores open at once; LanceDB and the index open on a
+    thread. Writes are acknowledged meanwhile (their vectors wait in the outbox) and a search
+    waits for the index, then finds old and new rows alike."""
+    root = tmp_path / "db"
+    first = Memory(root, embedder=minilm)
+    await first.open()
+    conv = await first.create_conversation(title="pets")
+    await first.add_messages(conv.id, [user(DOG)])
+    await first.close()
+
+    memory = Memory(root, embedder=minilm)
+    entered, release = threading.Event(), threading.Event()
+    open_vectors = memory.vectors.open
+
+    def slow_open() -> None:
+        entered.set()
+        assert release.wait(30)
+        open_vectors()
+
+    monkeypatch.setattr(memory.vectors, "open", slow_open)
+    await memory.open(vectors_in_background=True)
+    try:
+        assert await asyncio.to_thread(entered.wait, 30)  # still opening the vectors ...
+        added = await memory.add_messages(conv.id, [user("The wifi password is hunter2.")])
+        assert added[0].embedded  # ... yet the write is acknowledged with its vector queued
+        assert [m.content for m in await memory.messages(conv.id)] == [
+            DOG,
+            "The wifi password is hunter2.",
+        ]
+        search = asyncio.create_task(memory.search(SearchQuery("wifi password", mode="vector")))
+        opened = asyncio.create_task(memory.vectors_opened())
+        await asyncio.sleep(0.3)
+        assert not search.done()
+        assert not opened.done()
+        release.set()
+        await asyncio.wait_for(opened, 30)
+        hits = await asyncio.wait_for(search, 30)
+        assert hits[0].text == "The wifi password is hunter2."
+        dog = await memory.search(SearchQuery("what is my dog called?", mode="vector", k=1))
+        assert [h.text for h in dog] == [DOG]
+    finally:
+        release.set()
+        await memory.close()
+
+
+async def test_a_vector_store_that_cannot_open_leaves_the_rest_of_memory_working(
+    tmp_path: Path, minilm: MiniLM
+) -> None:
+    """A broken ``embeddings/`` folder: opened in the background, messages are still stored and
+    read, search says why it cannot run; opened in the foreground, the open fails cleanly and
+    lets go of the databases, so a later open (after the repair) finds everything."""
+    root = tmp_path / "db"
+    (root / "embeddings").mkdir(parents=True)
+    (root / "embeddings" / "lance").write_text("not a folder")  # LanceDB's folder is a file
+
+    memory = Memory(root, embedder=minilm)
+    await memory.open(vectors_in_background=True)
+    try:
+        conv = await memory.create_conversation(title="notes")
+        await memory.add_messages(conv.id, [user("The wifi password is hunter2.")])
+        with pytest.raises(ServiceUnavailable) as opened:
+            await memory.vectors_opened()
+        assert opened.value.code == "vectors_unavailable"
+        assert "could not be opened" in opened.value.message
+        with pytest.raises(ServiceUnavailable):
+            await memory.search(SearchQuery("wifi password", mode="keyword"))
+        assert [m.content for m in await memory.messages(conv.id)] == [
+            "The wifi password is hunter2."
+        ]
+    finally:
+        await memory.close()
+
+    with pytest.raises(FileExistsError):
+        await Memory(root, embedder=minilm).open()  # the foreground open raises the cause
+
+    (root / "embeddings" / "lance").unlink()  # repaired: nothing was lost, the vector replays
+    repaired = Memory(root, embedder=minilm)
+    await repaired.open()
+    try:
+        hits = await repaired.search(SearchQuery("wifi password", mode="vector"))
+        assert [h.text for h in hits] == ["The wifi password is hunter2."]
+    finally:
+        await repaired.close()

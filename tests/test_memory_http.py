@@ -3,6 +3,7 @@ backup over HTTP and restore with the CLI. Real worker, real SmolLM2 and MiniLM.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import subprocess
 from collections.abc import Iterator
@@ -12,6 +13,8 @@ from typing import Any
 import openai
 import pytest
 
+from tabagent.config import Settings
+from tests.conftest import ClientFactory
 from tests.helpers import SERVER_BIN, RunningServer, http_get, post_json, running_server
 
 SYSTEM = {"role": "system", "content": "You are a helpful assistant. Answer concisely."}
@@ -220,3 +223,33 @@ def test_remember_extracts_knowledge_through_the_chat_model_or_the_rules(
     assert {"lives_in", "works_at"} <= relations
     assert out["facts"]
     assert post_json(f"{server.base_url}/v1/memory/remember", {"text": ""})[0] == 422
+
+
+async def test_a_vector_store_that_cannot_open_degrades_memory_with_clear_errors(
+    make_client: ClientFactory, settings: Settings
+) -> None:
+    """The server opens LanceDB after it starts answering: when that fails, health says memory is
+    degraded and why, conversations still take messages, and search answers 503 in JSON."""
+    (settings.db_path / "embeddings").mkdir(parents=True)
+    (settings.db_path / "embeddings" / "lance").write_text("not a folder")
+    client = await make_client()
+    for _ in range(300):
+        health = await (await client.get("/v1/health")).json()
+        if health["components"]["memory"]["state"] != "ok":
+            break
+        await asyncio.sleep(0.1)
+    memory = health["components"]["memory"]
+    assert (health["status"], memory["state"]) == ("degraded", "degraded")
+    assert "vector index could not be opened" in memory["detail"]
+
+    created = await client.post("/v1/conversations", json={"title": "notes"})
+    assert created.status == 201
+    conv = (await created.json())["id"]
+    added = await client.post(
+        f"/v1/conversations/{conv}/messages",
+        json={"messages": [{"role": "user", "content": "The wifi password is hunter2."}]},
+    )
+    assert added.status == 201
+    found = await client.post("/v1/memory/search", json={"query": "wifi password"})
+    assert found.status == 503
+    assert (await found.json())["error"]["code"] == "vectors_unavailable"

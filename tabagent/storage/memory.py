@@ -10,7 +10,8 @@ Blocking work never runs on the event loop: writes go to the writer thread (grou
 acknowledged after COMMIT), reads to a small thread pool with a read-only connection each, and
 vectors move from each store's outbox to LanceDB on the sync thread. Opening runs the recovery
 pass: migrations, the index brought in step with LanceDB, every outbox entry replayed, and rows
-left behind by a cross-store delete swept.
+left behind by a cross-store delete swept. The server opens the vector half in the background
+(importing LanceDB alone takes about two seconds): searches wait for it, writes do not.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ import asyncio
 import concurrent.futures
 import logging
 import sqlite3
+import threading
 from collections.abc import Awaitable, Callable, Sequence
 from functools import partial
 from pathlib import Path
@@ -27,7 +29,7 @@ from typing import Any, Protocol, TypeVar
 import numpy as np
 import numpy.typing as npt
 
-from tabagent.errors import BadRequest, Conflict, StorageError
+from tabagent.errors import BadRequest, Conflict, ServiceUnavailable, StorageError
 from tabagent.storage.backup import BackupInfo, backup
 from tabagent.storage.conversations import MIGRATIONS as CONVERSATIONS
 from tabagent.storage.conversations import ConversationStore
@@ -128,14 +130,25 @@ class Memory:
         self._sync_interval = sync_interval
         self._lock = DatabaseLock(root)
         self._open = False
+        self._opening: threading.Thread | None = None  # opens the vectors in the background
+        self._vectors_ready = threading.Event()
+        self._vectors_error: BaseException | None = None
 
     # -- lifecycle --------------------------------------------------------------------------
 
-    async def open(self) -> None:
-        await asyncio.get_running_loop().run_in_executor(self._pool, self.open_sync)
+    async def open(self, *, vectors_in_background: bool = False) -> None:
+        await asyncio.get_running_loop().run_in_executor(
+            self._pool, partial(self.open_sync, vectors_in_background=vectors_in_background)
+        )
 
-    def open_sync(self) -> None:
-        """Open every store and run the recovery pass (blocking)."""
+    def open_sync(self, *, vectors_in_background: bool = False) -> None:
+        """Open every store and run the recovery pass (blocking).
+
+        With ``vectors_in_background`` only the SQLite stores open here (milliseconds): reads
+        and writes work at once (a write's vector waits in its store's outbox, as it always
+        does), while a thread imports LanceDB, brings the index in step and replays the
+        outboxes (a second or two). Searches, stats and backups wait for that thread;
+        :meth:`vectors_opened` says when it is done."""
         if not self._lock.acquire():
             pid = self._lock.holder()
             raise Conflict(
@@ -146,7 +159,6 @@ class Memory:
         try:
             self.root.mkdir(parents=True, exist_ok=True)
             versions = {name: db.open() for name, db in self.dbs.items()}
-            self.vectors.open()
         except BaseException:
             for db in self.dbs.values():
                 db.close()
@@ -160,38 +172,84 @@ class Memory:
                 self.meta.record_schema(conn, name, version)
 
         self.writer.run(meta, record)
-        self._sync = VectorSync(
-            self.vectors,
-            [self.dbs["conversations"], self.dbs["knowledge"], self.dbs["summaries"]],
-            self.writer,
-            interval=self._sync_interval,
-        )
-        replayed = self._sync.flush()
-        swept = self._sweep()
-        if replayed or swept:
-            log.info("recovery: %d vector entries replayed, %d orphan rows swept", replayed, swept)
-        self._sync.start()
         self._open = True
+        if vectors_in_background:
+            self._opening = threading.Thread(
+                target=self._open_vectors, name="tabagent-vectors-open", daemon=True
+            )
+            self._opening.start()
+            return
+        self._open_vectors()
+        if self._vectors_error is not None:
+            self._close_stores()  # not the pool: this may be running on it
+            raise self._vectors_error
+
+    def _open_vectors(self) -> None:
+        """LanceDB, the index and the recovery pass; records a failure for those who wait."""
+        try:
+            self.vectors.open()
+            # published before the first flush: a write committed from here on marks it dirty
+            self._sync = VectorSync(
+                self.vectors,
+                [self.dbs["conversations"], self.dbs["knowledge"], self.dbs["summaries"]],
+                self.writer,
+                interval=self._sync_interval,
+            )
+            replayed = self._sync.flush()
+            swept = self._sweep()
+            if replayed or swept:
+                log.info(
+                    "recovery: %d vector entries replayed, %d orphan rows swept", replayed, swept
+                )
+            self._sync.start()
+        except BaseException as exc:
+            self._sync = None  # never started: nothing to stop
+            if self._opening is not None:  # in the background: nobody to raise to
+                log.exception("the vector index could not be opened")
+            self._vectors_error = exc
+        finally:
+            self._vectors_ready.set()
+
+    def _await_vectors(self) -> VectorSync:
+        """The running vector sync, once the vectors are open (blocks while they open)."""
+        if not self._open:
+            raise StorageError("the memory store is not open", code="storage_closed")
+        self._vectors_ready.wait()
+        if self._vectors_error is not None or self._sync is None:
+            raise ServiceUnavailable(
+                f"the vector index could not be opened: {self._vectors_error}",
+                code="vectors_unavailable",
+            )
+        return self._sync
+
+    async def vectors_opened(self) -> None:
+        """Returns once the vectors are open; raises the reason if they could not be."""
+        await asyncio.get_running_loop().run_in_executor(None, self._await_vectors)
 
     async def close(self) -> None:
         await asyncio.get_running_loop().run_in_executor(None, self.close_sync)
 
     def close_sync(self) -> None:
+        if self._opening is not None:
+            self._opening.join()  # opening cannot be interrupted; it ends by itself
+            self._opening = None
+        self._close_stores()
+        self._pool.shutdown(wait=True)
+
+    def _close_stores(self) -> None:
         if self._sync is not None:
             self._sync.stop()
+            self._sync = None
         self.writer.close()
         self.vectors.close()
         for db in self.dbs.values():
             db.close()
-        self._pool.shutdown(wait=True)
         self._lock.release()
         self._open = False
 
     @property
     def sync(self) -> VectorSync:
-        if self._sync is None:
-            raise StorageError("the memory store is not open", code="storage_closed")
-        return self._sync
+        return self._await_vectors()
 
     @property
     def versions(self) -> dict[str, int]:
@@ -348,8 +406,9 @@ class Memory:
     def _search(
         self, query: SearchQuery, vector: npt.NDArray[np.float32] | None, model: str | None
     ) -> list[SearchHit]:
-        if vector is not None and self._sync is not None:
-            self._sync.flush()  # read your own writes: vectors still in an outbox move now
+        sync = self._await_vectors()
+        if vector is not None:
+            sync.flush()  # read your own writes: vectors still in an outbox move now
         return self.engine.search(query, vector, model)
 
     # -- knowledge --------------------------------------------------------------------------
@@ -493,6 +552,7 @@ class Memory:
         return await self._read(self.stats_sync)
 
     def stats_sync(self) -> dict[str, dict[str, Any]]:
+        self._await_vectors()
         out: dict[str, dict[str, Any]] = {
             "conversations": self.conversations.stats(),
             "knowledge": self.knowledge.stats(),

@@ -42,14 +42,9 @@ import time
 from collections.abc import Callable, Collection, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import lancedb
 import numpy as np
-import pyarrow as pa  # type: ignore[import-untyped]
-from lancedb.db import DBConnection
-from lancedb.query import LanceVectorQueryBuilder
-from lancedb.table import Table
 
 from tabagent.storage.vector_index import (
     FloatArray,
@@ -58,6 +53,10 @@ from tabagent.storage.vector_index import (
     VectorIndex,
     check_vectors,
 )
+
+if TYPE_CHECKING:  # LanceDB and pyarrow take about two seconds to import: only when opened
+    from lancedb.db import DBConnection
+    from lancedb.table import Table
 
 __all__ = ["VectorIndex", "VectorRow", "VectorStore", "table_name"]
 
@@ -129,6 +128,8 @@ class VectorStore:
                 raise RuntimeError("VectorStore is already open")
             self.table_dir().mkdir(parents=True, exist_ok=True)
             (self.root / "index").mkdir(parents=True, exist_ok=True)
+            import lancedb  # see the TYPE_CHECKING import above
+
             db = lancedb.connect(self.table_dir())
             models = {}
             for name in _table_names(db):
@@ -258,6 +259,8 @@ class VectorStore:
                 return
             labels, vectors, kinds = labels[keep], vectors[keep], [kinds[i] for i in keep]
             stamp = max(time.time(), np.nextafter(entry.written_at, np.inf))
+            import pyarrow as pa  # type: ignore[import-untyped]
+
             data = pa.table(
                 {
                     "label": pa.array(labels, pa.int64()),
@@ -279,6 +282,8 @@ class VectorStore:
             self._wrote(entry)
 
     def _create(self, db: DBConnection, model: str, dim: int) -> _Model:
+        import pyarrow as pa
+
         name = table_name(model)
         schema = pa.schema(
             [
@@ -417,6 +422,8 @@ class VectorStore:
         q = np.ascontiguousarray(query, dtype=np.float32).reshape(-1)
         if q.size != entry.dim:
             raise ValueError(f"expected a query of dimension {entry.dim}, got {q.size}")
+        from lancedb.query import LanceVectorQueryBuilder
+
         builder = entry.table.search(q)
         assert isinstance(builder, LanceVectorQueryBuilder)  # a vector query builds one
         result = (
