@@ -43,6 +43,7 @@ log = logging.getLogger(__name__)
 
 _MAX_UNIX_PATH = 100  # sun_path is 104-108 bytes depending on the OS
 _MESSAGE_BYTES = 64 * 1024 * 1024
+_RECONNECT_MS = 25
 
 
 def worker_program() -> list[str]:
@@ -188,6 +189,12 @@ class WorkerSupervisor:
             options=[
                 ("grpc.max_receive_message_length", _MESSAGE_BYTES),
                 ("grpc.max_send_message_length", _MESSAGE_BYTES),
+                # The socket appears only once the worker has imported its libraries (a second
+                # or more). gRPC's default reconnect backoff (1 s, growing) would notice it up to
+                # 1.5 s late; a reconnect to a local socket costs microseconds, so retry often.
+                ("grpc.initial_reconnect_backoff_ms", _RECONNECT_MS),
+                ("grpc.min_reconnect_backoff_ms", _RECONNECT_MS),
+                ("grpc.max_reconnect_backoff_ms", 4 * _RECONNECT_MS),
             ],
         )
         self._stub = pb_grpc.MLInferenceStub(self._channel)  # type: ignore[no-untyped-call]
