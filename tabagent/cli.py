@@ -19,7 +19,6 @@ import click
 from pydantic import SecretStr
 
 from tabagent import __version__, logs
-from tabagent.app import UNAVAILABLE_TRANSPORTS, StartupError, Transports, get_once, serve
 from tabagent.cli_db import db_group
 from tabagent.cli_hardware import hardware_command
 from tabagent.cli_models import models_group
@@ -101,6 +100,8 @@ def cli(ctx: click.Context, /, get_path: str | None, **flags: Any) -> None:
     if get_path is not None:
         if not get_path.startswith("/"):
             _fail("--get takes a path that starts with '/', e.g. /v1/health", 2)
+        from tabagent.app import StartupError, get_once
+
         try:
             status, body = asyncio.run(get_once(settings, get_path))
         except StartupError as exc:
@@ -108,10 +109,14 @@ def cli(ctx: click.Context, /, get_path: str | None, **flags: Any) -> None:
         sys.stdout.buffer.write(body + b"\n")
         sys.stdout.flush()
         sys.exit(0 if 200 <= status < 300 else 1)
-    _run_server(settings, Transports.for_mode(settings.mode))
+    _run_server(settings)
 
 
-def _run_server(settings: Settings, transports: Transports) -> None:
+def _run_server(settings: Settings) -> None:
+    # the server's modules take a second to import: only once a server is what was asked for
+    from tabagent.app import UNAVAILABLE_TRANSPORTS, StartupError, Transports, serve
+
+    transports = Transports.for_mode(settings.mode)
     wanted = [name for name in ("http", "webrtc", "native") if getattr(transports, name)]
     missing = [UNAVAILABLE_TRANSPORTS[n] for n in wanted if n in UNAVAILABLE_TRANSPORTS]
     if missing and len(missing) == len(wanted):
@@ -181,6 +186,6 @@ def main(argv: Sequence[str] | None = None) -> None:
         # Native mode without any flag. stdout is reserved for frames: report on stderr only.
         settings, _ = _settings({"mode": "native"})
         logs.configure(settings.log_level, settings.log_dir, NATIVE_LOG_FILE)
-        _run_server(settings, Transports.for_mode("native"))
+        _run_server(settings)
         return
     cli.main(args=args, prog_name=PROG)

@@ -6,7 +6,7 @@ import asyncio
 import json
 import sys
 import time
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import click
 from rich.console import Console
@@ -23,9 +23,10 @@ from rich.table import Table
 
 from tabagent.config import Settings
 from tabagent.errors import TabAgentError
-from tabagent.models.cache import ModelCache
-from tabagent.models.pull import Puller, PullEvent, model_paths
 from tabagent.models.refs import parse_ref
+
+if TYPE_CHECKING:
+    from tabagent.models.cache import ModelCache
 
 
 def _human(size: float) -> str:
@@ -39,6 +40,12 @@ def _human(size: float) -> str:
 def _fail(exc: TabAgentError) -> None:
     click.echo(f"tabagent-server models: {exc.message}", err=True)
     sys.exit(1)
+
+
+def _cache(settings: Settings) -> ModelCache:
+    from tabagent.models.cache import ModelCache  # the downloader imports aiohttp: on use only
+
+    return ModelCache(settings.model_cache_path)
 
 
 def models_group(settings_of: Any) -> click.Group:
@@ -57,8 +64,9 @@ def models_group(settings_of: Any) -> click.Group:
 
         Parallel, verified, resumable: Ctrl-C keeps what arrived, pull again to continue.
         """
-        settings: Settings = settings_of(ctx)
-        cache = ModelCache(settings.model_cache_path)
+        from tabagent.models.pull import Puller, PullEvent, model_paths
+
+        cache = _cache(settings_of(ctx))
         console = Console(stderr=True)
         try:
             parsed = parse_ref(ref)
@@ -104,7 +112,7 @@ def models_group(settings_of: Any) -> click.Group:
     @click.pass_context
     def list_(ctx: click.Context, as_json: bool) -> None:
         """Pulled models: size, last use."""
-        cache = ModelCache(settings_of(ctx).model_cache_path)
+        cache = _cache(settings_of(ctx))
         found = sorted(cache.models(), key=lambda m: m.ref)
         if as_json:
             rows = [
@@ -126,7 +134,7 @@ def models_group(settings_of: Any) -> click.Group:
     @click.pass_context
     def rm(ctx: click.Context, ref: str) -> None:
         """Remove a pulled model and the files no other pull uses."""
-        cache = ModelCache(settings_of(ctx).model_cache_path)
+        cache = _cache(settings_of(ctx))
         try:
             parsed = parse_ref(ref)
             freed = cache.remove(str(parsed), parsed.repo_id)
@@ -138,7 +146,7 @@ def models_group(settings_of: Any) -> click.Group:
     @click.pass_context
     def gc(ctx: click.Context) -> None:
         """Delete unreferenced files and abandoned partial downloads (older than a week)."""
-        freed = ModelCache(settings_of(ctx).model_cache_path).gc()
+        freed = _cache(settings_of(ctx)).gc()
         click.echo(f"freed {_human(freed)}")
 
     return models
