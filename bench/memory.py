@@ -476,7 +476,7 @@ async def _search(tmp: Path, quick: bool) -> tuple[list[Row], list[str]]:
         for b, batch in enumerate(_batches(texts, BATCH)):
             await memory.add_messages(f"conv-{b}", batch)
         sqlite_s = time.perf_counter() - start
-        await asyncio.to_thread(memory.flush_vectors)
+        await asyncio.to_thread(memory.sync.flush)
         ingest_s = time.perf_counter() - start
         start = time.perf_counter()
         with memory.sync.lock:  # the snapshot the sync thread would take later, out of the way

@@ -22,7 +22,7 @@ from tabagent.errors import Conflict, NotFound
 from tabagent.storage import outbox
 from tabagent.storage.fts import match_expression, ranked
 from tabagent.storage.records import Conversation, Message, NewMessage, vector_label
-from tabagent.storage.sqlite import Database
+from tabagent.storage.sqlite import Database, tuple_cursor
 
 MIGRATIONS = (
     # 1: conversations and messages
@@ -92,7 +92,7 @@ def _conversation(row: sqlite3.Row, count: int = 0) -> Conversation:
     )
 
 
-def _message(row: sqlite3.Row | tuple[Any, ...]) -> Message:
+def _message(row: tuple[Any, ...]) -> Message:
     return Message(
         id=row[0],
         conversation_id=row[1],
@@ -272,7 +272,7 @@ class ConversationStore:
         self, conversation_id: str, *, limit: int = 1000, after_id: int = 0, newest: bool = False
     ) -> list[Message]:
         """Messages in order; ``newest`` takes the last ``limit`` (still returned oldest first)."""
-        conn = self.db.reader()
+        conn = tuple_cursor(self.db.reader())
         if newest:
             rows = conn.execute(
                 f"SELECT {_MESSAGE_COLUMNS} FROM messages WHERE conversation_id = ? AND id > ?"
@@ -290,7 +290,7 @@ class ConversationStore:
 
     def message(self, message_id: int) -> Message:
         row = (
-            self.db.reader()
+            tuple_cursor(self.db.reader())
             .execute(f"SELECT {_MESSAGE_COLUMNS} FROM messages WHERE id = ?", (message_id,))
             .fetchone()
         )
@@ -303,7 +303,7 @@ class ConversationStore:
             return {}
         marks = ",".join("?" * len(ids))
         rows = (
-            self.db.reader()
+            tuple_cursor(self.db.reader())
             .execute(f"SELECT {_MESSAGE_COLUMNS} FROM messages WHERE id IN ({marks})", tuple(ids))
             .fetchall()
         )
