@@ -94,10 +94,17 @@ def get(url: str, timeout: float = 1.0) -> tuple[int, bytes]:
 
 
 def status_ok(body: bytes) -> bool:
-    """Ready predicate for ``/v1/health``: every component up, not merely listening."""
+    """Ready predicate for ``/v1/health``: every component up and done with its start-up work
+    (memory's vector index open, hardware detected), so none of it runs while we measure."""
     try:
-        return bool(json.loads(body).get("status") == "ok")
-    except ValueError:
+        health = json.loads(body)
+        components = health.get("components", {})
+        memory = components.get("memory", {}).get("detail", "")
+        hardware = components.get("hardware", {}).get("detail", "")
+        return bool(
+            health.get("status") == "ok" and "opening" not in memory and hardware != "detecting"
+        )
+    except (ValueError, AttributeError):
         return False
 
 
