@@ -58,6 +58,7 @@ class Switches:
     """
 
     bytes_per_second: float | None = None  # per-response cap, paced with asyncio.sleep
+    total_bytes_per_second: float | None = None  # one cap shared by every response (a full link)
     drop_after_bytes: int | None = None  # close the connection after this many body bytes ...
     drops: int = 0  # ... for this many GET requests
     stall_after_bytes: int | None = None  # then send nothing more, keep the connection open ...
@@ -137,6 +138,7 @@ class FakeHub:
     def __init__(self, *, token: str | None = None, page_size: int = 50) -> None:
         self.token, self.page_size = token, page_size
         self.switches, self.stats = Switches(), Stats()
+        self._link_free_at = 0.0  # when total_bytes_per_second lets the next chunk go
         self.endpoint = self.cdn = ""
         self._repos: dict[str, _Repo] = {}
         self._blobs: dict[str, bytes | Path] = {}  # sha256 -> content or file
@@ -399,7 +401,8 @@ class FakeHub:
             sw.stalls, stall = sw.stalls - 1, sw.stall_after_bytes
         response = web.StreamResponse(status=status, headers=headers)
         await response.prepare(request)
-        plain = drop is None and stall is None and not sw.corrupt and not sw.bytes_per_second
+        paced = sw.bytes_per_second or sw.total_bytes_per_second
+        plain = drop is None and stall is None and not sw.corrupt and not paced
         try:
             if plain and isinstance(source, Path) and request.transport is not None:
                 with source.open("rb") as handle:
@@ -436,6 +439,10 @@ class FakeHub:
                     count = min(count, max(1024, int(rate / 20)))
                     allowed_at = max(allowed_at, loop.time()) + count / rate
                     await asyncio.sleep(allowed_at - loop.time())
+                if total := sw.total_bytes_per_second:  # a slot on the link's shared clock
+                    count = min(count, max(1024, int(total / 200)))
+                    self._link_free_at = max(self._link_free_at, loop.time()) + count / total
+                    await asyncio.sleep(self._link_free_at - loop.time())
                 chunk = reader.read(count)
                 if sw.corrupt:
                     chunk = chunk.translate(_FLIP)

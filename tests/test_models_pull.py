@@ -82,6 +82,30 @@ async def test_parallel_download_is_verified_and_laid_out_like_the_hf_cache(
     assert not [n for n in files_under(cache.root) if "partial" in n or "parts.json" in n]
 
 
+async def test_connections_are_added_while_they_add_speed(hub: FakeHub, tmp_path: Path) -> None:
+    """Capped per connection (as many CDNs are), each step of connections raises the rate, so
+    the download grows to its maximum; on a link that is already full, a step that does not pay
+    is taken back, and it never opens its maximum."""
+    sha = add_big(hub, "model-Q4_K_M.gguf", 24 * MiB, seed=11)
+    tuning = fast_tuning(connections=8, initial_connections=2, ramp_interval=0.15)
+    hub.switches.bytes_per_second = 2 * MiB  # per connection
+    capped = Puller(ModelCache(tmp_path / "a", shared=[]), tuning)
+    model = await capped.pull(parse_ref(REPO))
+    assert sha256_of(ModelCache(tmp_path / "a").blob_path(REPO, sha)) == sha
+    assert capped.counters[0].connections == 8
+    assert hub.stats.max_concurrent == 8
+
+    hub.switches.bytes_per_second = None
+    hub.switches.total_bytes_per_second = 8 * MiB  # the whole link: more connections can't help
+    hub.stats.max_concurrent = 0
+    tuning.ramp_interval = 0.3  # a longer window: the link's rate is measured, not its noise
+    full = Puller(ModelCache(tmp_path / "b", shared=[]), tuning)
+    again = await full.pull(parse_ref(REPO))
+    assert again.files[0].size == model.files[0].size == 24 * MiB
+    assert full.counters[0].connections < tuning.connections
+    assert hub.stats.max_concurrent < tuning.connections
+
+
 async def test_a_complete_pull_uses_no_network(hub: FakeHub, tmp_path: Path) -> None:
     add_big(hub, "model-Q8_0.gguf", 2 * MiB)
     cache = ModelCache(tmp_path / "cache", shared=[])

@@ -62,7 +62,10 @@ class RemoteFile:
 
 @dataclass
 class Tuning:
-    connections: int = 16
+    connections: int = 16  # at most; the download starts with fewer and adds while they pay
+    initial_connections: int = 4
+    ramp_interval: float = 0.25  # seconds to settle, then seconds to measure, per step
+    ramp_gain: float = 0.1  # a step of connections must raise the rate by this much to stay
     min_part: int = 4 * MiB
     max_part: int = 64 * MiB
     stall_timeout: float = 10.0
@@ -96,6 +99,7 @@ class Counters:
     requests: int = 0
     resumed_bytes: int = 0
     single_stream: bool = False
+    connections: int = 0  # the most parallel connections used at once
     seconds: float = 0.0
 
 
@@ -128,6 +132,8 @@ class _Download:
         self.state_path = dest.with_name(dest.name + STATE_SUFFIX)
         self.counters = Counters()
         self.parts: list[_Part] = []
+        self._live = 0  # workers running
+        self._retire = 0  # workers asked to stop at their next part
         self.url = remote.url  # becomes the CDN address after the first redirect
         self.fd = -1
         self._hasher = hashlib.sha256()
@@ -286,10 +292,7 @@ class _Download:
             if not await self._probe_ranges():
                 await self._single_stream()
             else:
-                workers = min(self.tuning.connections, max(1, len(self.parts)))
-                async with asyncio.TaskGroup() as group:
-                    for _ in range(workers):
-                        group.create_task(self._worker())
+                await self._parallel()
         except* TabAgentError as group:
             raise group.exceptions[0] from None
         finally:
@@ -324,7 +327,58 @@ class _Download:
         log.info("%s: retry in %.2f s (%s)", self.remote.name, delay, exc)
         await asyncio.sleep(delay)
 
+    async def _parallel(self) -> None:
+        limit = min(self.tuning.connections, max(1, len(self.parts)))
+        ramp: asyncio.Task[None] | None = None
+        try:
+            async with asyncio.TaskGroup() as group:
+                self._start_workers(group, min(limit, max(1, self.tuning.initial_connections)))
+                if self._live < limit:
+                    ramp = asyncio.create_task(self._ramp(group, limit))
+        finally:
+            if ramp is not None:
+                ramp.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await ramp
+
+    def _start_workers(self, group: asyncio.TaskGroup, count: int) -> None:
+        for _ in range(count):
+            self._live += 1
+            self.counters.connections = max(self.counters.connections, self._live)
+            group.create_task(self._worker())
+
+    async def _ramp(self, group: asyncio.TaskGroup, limit: int) -> None:
+        """Add connections while they add speed, a step at a time.
+
+        A link capped per connection (many CDNs) gets up to ``limit``; one that is already full,
+        or a client that is CPU-bound (loopback), keeps few: more would only park data in socket
+        buffers, which a killed download then fetches again. A step that does not raise the
+        rate by ``ramp_gain`` is taken back (its workers stop at their next part)."""
+        step, interval = max(1, self.tuning.initial_connections), self.tuning.ramp_interval
+        best = 0.0
+        while self._live:
+            await asyncio.sleep(interval)  # the connections just opened get going
+            before, start = self.counters.bytes_fetched, time.monotonic()
+            await asyncio.sleep(interval)
+            rate = (self.counters.bytes_fetched - before) / (time.monotonic() - start)
+            if best and rate < best * (1 + self.tuning.ramp_gain):
+                self._retire += step
+                return
+            best = rate
+            if not self._live or self._live >= limit or not self._unassigned():
+                return
+            step = min(step, limit - self._live)
+            self._start_workers(group, step)
+
+    def _unassigned(self) -> bool:
+        """Whether a new worker would find work (a free part, or one worth splitting)."""
+        floor = 2 * self.tuning.min_part
+        return any(p.remaining > 0 and (not p.active or p.remaining >= floor) for p in self.parts)
+
     def _next_part(self) -> _Part | None:
+        if self._retire > 0:  # a step of connections that did not pay: this one stops
+            self._retire -= 1
+            return None
         for part in self.parts:
             if not part.active and part.remaining > 0:
                 part.active = True
@@ -341,16 +395,19 @@ class _Download:
         return stolen
 
     async def _worker(self) -> None:
-        while (part := self._next_part()) is not None:
-            attempt = 0
-            while part.remaining > 0:
-                try:
-                    await self._fetch_part(part)
-                    attempt = 0
-                except (aiohttp.ClientError, TimeoutError, _Retryable) as exc:
-                    await self._backoff(attempt, exc)
-                    attempt += 1
-            part.active = False
+        try:
+            while (part := self._next_part()) is not None:
+                attempt = 0
+                while part.remaining > 0:
+                    try:
+                        await self._fetch_part(part)
+                        attempt = 0
+                    except (aiohttp.ClientError, TimeoutError, _Retryable) as exc:
+                        await self._backoff(attempt, exc)
+                        attempt += 1
+                part.active = False
+        finally:
+            self._live -= 1
 
     async def _fetch_part(self, part: _Part) -> None:
         headers = {**self.headers, "Range": f"bytes={part.pos}-{part.end - 1}"}
@@ -498,7 +555,13 @@ async def download(
 ) -> Counters:
     """Fetch ``remote`` into ``dest`` (atomically, verified); resumes a previous attempt."""
     job = _Download(session, remote, dest, tuning or Tuning(), dict(headers or {}), progress)
-    return await job.run()
+    counters = await job.run()
+    log.info(
+        "%s: %.0f MiB in %.1f s over up to %d connections (%d requests, %d retries)",
+        remote.name or dest.name, counters.bytes_fetched / MiB, counters.seconds,
+        counters.connections, counters.requests, counters.retries,
+    )  # fmt: skip
+    return counters
 
 
 def new_session(connections: int = 16, token: str | None = None) -> aiohttp.ClientSession:
