@@ -160,6 +160,32 @@ def test_one_failing_write_in_a_round_is_undone_alone(
         writer.submit(db, lambda conn: None)
 
 
+def test_writes_fail_clearly_when_their_transaction_cannot_begin(
+    db: Database, store: ConversationStore
+) -> None:
+    """Another process holds the database's write lock past the busy timeout: BEGIN fails, and
+    every write of the round gets that error (none is left waiting forever); once the lock is
+    gone, writes go through again."""
+    writer = Writer()
+    writer.start()
+    writer.run(db, lambda conn: store.create(conn, conversation_id="c"))
+    db.writer.execute("PRAGMA busy_timeout = 100")
+    other = sqlite3.connect(db.path, isolation_level=None)
+    other.execute("BEGIN IMMEDIATE")
+    try:
+        first = writer.submit(db, lambda conn: store.append(conn, "c", [user("one")]))
+        second = writer.submit(db, lambda conn: store.append(conn, "c", [user("two")]))
+        for future in (first, second):
+            with pytest.raises(StorageError, match="not committed: database is locked"):
+                future.result(timeout=10)
+    finally:
+        other.execute("ROLLBACK")
+        other.close()
+    assert writer.run(db, lambda conn: store.append(conn, "c", [user("after")]))[0].id
+    writer.close()
+    assert [m.content for m in store.messages("c")] == ["after"]
+
+
 # ---- conversations ---------------------------------------------------------------------------
 
 

@@ -105,13 +105,14 @@ class Writer:
                                 outcomes.append((True, item.fn(conn)))
                         except BaseException as exc:
                             outcomes.append((False, exc))
-            except BaseException as exc:  # the commit itself failed: nothing in it holds
+            except BaseException as exc:  # BEGIN or COMMIT failed: nothing in it holds
                 log.exception("%s: commit failed", db.name)
-                for item in items:
-                    if item.future.running():
-                        item.future.set_exception(
-                            StorageError(f"{db.name}: write not committed: {exc}")
-                        )
+                for item in items:  # those not reached yet fail too, rather than wait forever
+                    future = item.future
+                    if future.running() or (
+                        not future.done() and future.set_running_or_notify_cancel()
+                    ):
+                        future.set_exception(StorageError(f"{db.name}: write not committed: {exc}"))
                 continue
             self.rounds += 1
             self.writes += len(items)
