@@ -6,7 +6,8 @@ Three rounds on the same databases, each killed at a different moment (vector sy
 - every acknowledged write is present, whole (a message with its content; a fact with its
   entity links) and has its vector;
 - nothing is half-written: every stored message and fact has a vector, every vector has its
-  row, the outboxes are empty, and the hnswlib index holds exactly LanceDB's labels.
+  row, the outboxes are empty, the hnswlib index holds exactly LanceDB's labels, and the keyword
+  index exactly the messages.
 """
 
 from __future__ import annotations
@@ -94,6 +95,10 @@ async def check(root: Path, minilm: MiniLM, acks: list[str]) -> None:
         }
         assert labels == {("message", i) for i in message_ids} | {("fact", i) for i in fact_ids}
         assert conv.execute("SELECT count(*) FROM vector_outbox").fetchone()[0] == 0
+        # the keyword index (its own file, fed from an outbox) holds exactly the messages
+        index = memory.keywords.conn
+        assert {r[0] for r in index.execute("SELECT rowid FROM messages_fts")} == message_ids
+        assert memory.keywords.backlog() == 0
         assert know.execute("SELECT count(*) FROM vector_outbox").fetchone()[0] == 0
         assert memory.vectors.count(model) == len(labels)
         assert sorted(memory.vectors.stored_labels(model)) == sorted(memory.vectors.labels(model))

@@ -6,8 +6,11 @@ Real SQLite files in tmp_path; nothing is mocked.
 from __future__ import annotations
 
 import concurrent.futures
+import contextlib
 import sqlite3
 import threading
+import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -25,6 +28,7 @@ from tabagent.storage.history import (
     SummaryStore,
     ToolResultStore,
 )
+from tabagent.storage.keywords import KeywordIndex
 from tabagent.storage.meta import MIGRATIONS as META_MIGRATIONS
 from tabagent.storage.meta import MetaStore
 from tabagent.storage.records import NewMessage, label_parts, vector_label
@@ -50,6 +54,26 @@ def store(db: Database) -> ConversationStore:
     return ConversationStore(db)
 
 
+@contextlib.contextmanager
+def keyword_index(db: Database) -> Iterator[KeywordIndex]:
+    """The keyword index of ``db`` with a running writer (it prunes through it)."""
+    writer = Writer()
+    writer.start()
+    index = KeywordIndex(db, writer)
+    try:
+        index.open()
+        yield index
+    finally:
+        index.stop()
+        writer.close()
+
+
+@pytest.fixture
+def keywords(db: Database) -> Iterator[KeywordIndex]:
+    with keyword_index(db) as index:
+        yield index
+
+
 def user(text: str) -> NewMessage:
     return NewMessage(role="user", content=text)
 
@@ -65,12 +89,16 @@ def test_a_new_database_is_in_wal_mode_with_foreign_keys_and_the_latest_schema(
     assert conn.execute("PRAGMA foreign_keys").fetchone()[0] == 1
     assert conn.execute("PRAGMA user_version").fetchone()[0] == len(MIGRATIONS)
     tables = {r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
-    assert {"conversations", "messages", "messages_fts", "vector_outbox"} <= tables
+    assert {"conversations", "messages", "keyword_outbox", "vector_outbox"} <= tables
+    assert "messages_fts" not in tables  # the keyword index has its own file
 
 
-def test_migrating_from_the_previous_schema_keeps_data_and_indexes_it(tmp_path: Path) -> None:
+@pytest.mark.parametrize("since", [1, 2], ids=["before keyword search", "index in the database"])
+def test_migrating_from_a_previous_schema_keeps_data_and_indexes_it(
+    tmp_path: Path, since: int
+) -> None:
     path = tmp_path / "conversations.db"
-    old = open_db(path, MIGRATIONS[:1])
+    old = open_db(path, MIGRATIONS[:since])
     with old.transaction() as conn:
         conn.execute(
             "INSERT INTO conversations(id, title, created_at, updated_at) VALUES ('c1', 't', 1, 1)"
@@ -83,12 +111,14 @@ def test_migrating_from_the_previous_schema_keeps_data_and_indexes_it(tmp_path: 
 
     new = open_db(path)
     store = ConversationStore(new)
-    assert new.writer.execute("PRAGMA user_version").fetchone()[0] == 2
+    assert new.writer.execute("PRAGMA user_version").fetchone()[0] == len(MIGRATIONS)
     conv = store.get("c1")
     assert conv.tags == []
     assert conv.message_count == 1
-    # the FTS index was built over rows that predate it
-    assert [mid for mid, _ in store.keyword_search("dog")] == [1]
+    with keyword_index(new) as index:  # built over rows that predate it
+        assert index.indexed == 0
+        assert index.applied == 0
+        assert [mid for mid, _ in store.keyword_search("dog")] == [1]
     new.close()
 
 
@@ -211,7 +241,7 @@ def test_messages_keep_their_order_and_conversations_list_newest_first(
 
 
 def test_keyword_search_stems_ignores_query_syntax_and_filters(
-    db: Database, store: ConversationStore
+    db: Database, store: ConversationStore, keywords: KeywordIndex
 ) -> None:
     with db.transaction() as conn:
         a = store.create(conn, tags=["pets"])
@@ -225,6 +255,7 @@ def test_keyword_search_stems_ignores_query_syntax_and_filters(
             ],
         )
         store.append(conn, b.id, [user("Dogs bark at night")])
+    assert keywords.flush() == 3
     found = store.keyword_search('what is my "dog called? AND title:x')
     assert len(found) == 3
     assert store.keyword_search("dog", roles=["assistant"])[0][0] == 2
@@ -232,6 +263,121 @@ def test_keyword_search_stems_ignores_query_syntax_and_filters(
     assert {i for i, _ in store.keyword_search("dog", tags=["pets"])} == {1, 2}
     assert store.keyword_search("???") == []
     assert match_expression("what is my dog called?") == '"dog" OR "called"'
+
+
+def _found(store: ConversationStore, text: str) -> set[int]:
+    return {mid for mid, _ in store.keyword_search(text)}
+
+
+def test_the_keyword_index_follows_edits_and_deletes_of_messages(
+    db: Database, store: ConversationStore, keywords: KeywordIndex
+) -> None:
+    with db.transaction() as conn:
+        a = store.create(conn)
+        b = store.create(conn)
+        m1, m2 = store.append(conn, a.id, [user("parrots talk"), user("owls hoot at night")])
+        (m3,) = store.append(conn, b.id, [user("parrots are green")])
+    keywords.flush()
+    assert _found(store, "parrot") == {m1.id, m3.id}
+    with db.transaction() as conn:
+        conn.execute("UPDATE messages SET content = 'ravens croak' WHERE id = ?", (m1.id,))
+        conn.execute("DELETE FROM messages WHERE id = ?", (m2.id,))
+        store.delete(conn, b.id)  # its messages go by cascade
+        (m4,) = store.append(conn, a.id, [user("a short-lived parrot")])
+        conn.execute("DELETE FROM messages WHERE id = ?", (m4.id,))  # never seen by the index
+    assert _found(store, "parrot") == {m1.id, m3.id}  # not applied yet: the outbox holds it
+    assert keywords.backlog() == 5  # an edit, three deletes, an insert
+    assert keywords.flush() == 5
+    assert _found(store, "parrot") == set()
+    assert _found(store, "owl") == set()
+    assert _found(store, "ravens") == {m1.id}
+    rows = keywords.conn.execute("SELECT count(*) FROM messages_fts").fetchone()[0]
+    assert rows == 1  # nothing left behind for deleted messages
+
+
+def test_the_keyword_index_resumes_after_its_last_applied_entry_and_prunes_the_outbox(
+    db: Database, store: ConversationStore
+) -> None:
+    with keyword_index(db) as index:
+        with db.transaction() as conn:
+            c = store.create(conn)
+            store.append(conn, c.id, [user(f"note {i} about lemons") for i in range(1500)])
+        assert index.flush() == 1500
+        applied = index.applied
+    with db.transaction() as conn:  # written while the index is closed
+        store.append(conn, c.id, [user("limes too")])
+    with keyword_index(db) as index:
+        assert index.applied == applied + 1  # caught up on open, from where it stopped
+        assert index.indexed == 1
+        assert len(store.keyword_search("lemons", limit=2000)) == 1500
+        assert [mid for mid, _ in store.keyword_search("limes")] == [1501]
+    # applied entries were pruned in a batch through the writer; the seq never goes back
+    assert db.reader().execute("SELECT count(*) FROM keyword_outbox").fetchone()[0] == 0
+    with db.transaction() as conn:
+        store.append(conn, c.id, [user("and oranges")])
+    assert [r[0] for r in db.reader().execute("SELECT seq FROM keyword_outbox")] == [1502]
+
+
+def _index_file(db: Database) -> Path:
+    return db.path.with_name("conversations.keywords.db")
+
+
+@pytest.mark.parametrize("damage", ["deleted", "garbage", "another database", "restored older"])
+def test_a_missing_damaged_or_foreign_keyword_index_is_rebuilt_from_the_messages(
+    tmp_path: Path, damage: str
+) -> None:
+    db = open_db(tmp_path / "conversations.db")
+    store = ConversationStore(db)
+    with db.transaction() as conn:
+        c = store.create(conn)
+        store.append(conn, c.id, [user("quinces ripen in autumn")])
+    older = tmp_path / "older.db"
+    db.backup_to(older)  # a copy taken before the last message
+    with db.transaction() as conn:
+        store.append(conn, c.id, [user("medlars ripen later")])
+    with keyword_index(db):
+        pass
+    db.close()
+    index = _index_file(db)
+    if damage == "deleted":
+        index.unlink()
+    elif damage == "garbage":
+        index.write_bytes(b"not a database at all" * 100)
+    elif damage == "another database":
+        other = open_db(tmp_path / "other" / "conversations.db")
+        other_store = ConversationStore(other)
+        with other.transaction() as conn:
+            x = other_store.create(conn)
+            other_store.append(conn, x.id, [user("kumquats"), user("more"), user("and more")])
+        with keyword_index(other):
+            pass
+        other.close()
+        index.write_bytes(_index_file(other).read_bytes())
+    else:  # the database goes back to the older copy; the index is ahead of it
+        (tmp_path / "conversations.db").write_bytes(older.read_bytes())
+    for suffix in ("-wal", "-shm"):
+        Path(f"{index}{suffix}").unlink(missing_ok=True)
+    db = open_db(tmp_path / "conversations.db")
+    store = ConversationStore(db)
+    with keyword_index(db):
+        assert _found(store, "ripen") == ({1} if damage == "restored older" else {1, 2})
+        assert _found(store, "kumquats") == set()
+    db.close()
+
+
+def test_the_keyword_thread_indexes_committed_writes_without_being_asked(
+    db: Database, store: ConversationStore, keywords: KeywordIndex
+) -> None:
+    keywords.start()
+    with db.transaction() as conn:
+        c = store.create(conn)
+        store.append(conn, c.id, [user("figs and dates")])
+    keywords.notify(db)  # what the memory writer does after each commit
+    deadline = time.monotonic() + 10
+    while keywords.backlog() and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert keywords.backlog() == 0
+    assert _found(store, "figs") == {1}
 
 
 def test_a_message_and_its_vector_commit_together_and_deletes_queue_vector_deletes(

@@ -1,7 +1,8 @@
 """The ``conversations`` database: conversations and their messages, with keyword search.
 
-Messages are indexed by an FTS5 table kept in step by triggers (porter stemming, so "dogs"
-finds "dog"); a message's embedding rides in the same transaction through the vector outbox.
+Messages are indexed by an FTS5 table (porter stemming, so "dogs" finds "dog") that lives in
+its own file and is kept in step from an outbox (``tabagent.storage.keywords``); a message's
+embedding rides in the same transaction through the vector outbox.
 Message ids come from AUTOINCREMENT so an id (and the vector label made from it) is never
 reused after a delete.
 """
@@ -19,7 +20,7 @@ import numpy as np
 import numpy.typing as npt
 
 from tabagent.errors import Conflict, NotFound
-from tabagent.storage import outbox
+from tabagent.storage import keywords, outbox
 from tabagent.storage.fts import match_expression, ranked
 from tabagent.storage.records import Conversation, Message, NewMessage, vector_label
 from tabagent.storage.sqlite import Database, tuple_cursor
@@ -70,6 +71,14 @@ MIGRATIONS = (
     """
     + outbox.OUTBOX_TABLE
     + outbox.delete_trigger("messages", "message"),
+    # 3: the keyword index moves to its own file, fed from an outbox (tabagent.storage.keywords)
+    """
+    DROP TRIGGER messages_fts_insert;
+    DROP TRIGGER messages_fts_delete;
+    DROP TRIGGER messages_fts_update;
+    DROP TABLE messages_fts;
+    """
+    + keywords.OUTBOX_DDL,
 )
 
 _MESSAGE_COLUMNS = "id, conversation_id, role, content, model, created_at, embedded"

@@ -41,6 +41,7 @@ from tabagent.storage.history import (
     SummaryStore,
     ToolResultStore,
 )
+from tabagent.storage.keywords import KeywordIndex
 from tabagent.storage.knowledge import MIGRATIONS as KNOWLEDGE
 from tabagent.storage.knowledge import KnowledgeStore
 from tabagent.storage.lock import DatabaseLock
@@ -126,6 +127,7 @@ class Memory:
         )
         self._sync: VectorSync | None = None
         self.writer = Writer(on_commit=self._committed)
+        self.keywords = KeywordIndex(self.dbs["conversations"], self.writer, interval=sync_interval)
         self._pool = concurrent.futures.ThreadPoolExecutor(readers, "tabagent-db-read")
         self._sync_interval = sync_interval
         self._lock = DatabaseLock(root)
@@ -159,12 +161,15 @@ class Memory:
         try:
             self.root.mkdir(parents=True, exist_ok=True)
             versions = {name: db.open() for name, db in self.dbs.items()}
+            self.keywords.open()  # before the writer starts: a rebuild sees a still database
         except BaseException:
+            self.keywords.stop()
             for db in self.dbs.values():
                 db.close()
             self._lock.release()
             raise
         self.writer.start()
+        self.keywords.start()
         meta = self.dbs["meta"]
 
         def record(conn: sqlite3.Connection) -> None:
@@ -244,6 +249,7 @@ class Memory:
         self.vectors.close()
         for db in self.dbs.values():
             db.close()
+        self.keywords.stop()  # its connection last: it checkpoints the index file on close
         self._lock.release()
         self._open = False
 
@@ -257,6 +263,7 @@ class Memory:
         return {name: db.version for name, db in self.dbs.items()}
 
     def _committed(self, db: Database) -> None:
+        self.keywords.notify(db)
         if self._sync is not None:
             self._sync.notify(db)
 
@@ -409,6 +416,8 @@ class Memory:
         sync = self._await_vectors()
         if vector is not None:
             sync.flush()  # read your own writes: vectors still in an outbox move now
+        if query.mode != "vector":
+            self.keywords.flush()  # and messages not in the keyword index yet go in now
         return self.engine.search(query, vector, model)
 
     # -- knowledge --------------------------------------------------------------------------
@@ -569,6 +578,12 @@ class Memory:
             out[name]["bytes"] = sum(
                 p.stat().st_size for p in db.path.parent.glob(f"{db.path.name}*") if p.is_file()
             )
+        out["conversations"]["bytes"] += sum(
+            p.stat().st_size
+            for p in self.keywords.path.parent.glob(f"{self.keywords.path.name}*")
+            if p.is_file()
+        )
+        out["conversations"]["keyword_backlog"] = self.keywords.backlog()
         out["embeddings"]["bytes"] = sum(
             p.stat().st_size for p in self.vectors.root.rglob("*") if p.is_file()
         )

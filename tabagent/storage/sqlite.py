@@ -50,6 +50,7 @@ class Database:
         self._readers: list[sqlite3.Connection] = []
         self._readers_lock = threading.Lock()
         self._writer: sqlite3.Connection | None = None
+        self._attached: dict[str, Path] = {}  # schema name -> file, in every reader
 
     # -- lifecycle ------------------------------------------------------------------------
 
@@ -76,6 +77,12 @@ class Database:
                 self._writer.close()
                 self._writer = None
 
+    def attach(self, schema: str, path: Path) -> None:
+        """Every reader sees ``path`` (read-only) as ``schema`` from its next use on."""
+        if not schema.isidentifier():
+            raise ValueError(f"not a schema name: {schema!r}")
+        self._attached = {**self._attached, schema: path}  # replaced whole: readers compare
+
     @property
     def version(self) -> int:
         return len(self.migrations)
@@ -96,6 +103,16 @@ class Database:
         conn.execute("PRAGMA foreign_keys = ON")
         conn.execute("PRAGMA temp_store = MEMORY")
         return conn
+
+    def _attach_to(self, conn: sqlite3.Connection, had: dict[str, Path]) -> None:
+        """Bring a reader's attached files in line with :meth:`attach` (on its own thread)."""
+        for schema, path in self._attached.items():
+            if had.get(schema) != path:
+                if schema in had:
+                    conn.execute(f"DETACH DATABASE {schema}")
+                uri = f"{path.resolve().as_uri()}?mode=ro"
+                conn.execute(f"ATTACH DATABASE ? AS {schema}", (uri,))
+        self._local.attached = self._attached
 
     def _migrate(self, conn: sqlite3.Connection) -> int:
         current = conn.execute("PRAGMA user_version").fetchone()[0]
@@ -166,8 +183,11 @@ class Database:
                 raise StorageError(f"{self.name} is not open", code="storage_closed")
             conn = self._connect(readonly=True)
             self._local.conn = conn
+            self._local.attached = {}
             with self._readers_lock:
                 self._readers.append(conn)
+        if self._local.attached is not self._attached:
+            self._attach_to(conn, self._local.attached)
         return conn
 
     @contextlib.contextmanager

@@ -1,0 +1,271 @@
+"""The keyword index of messages: FTS5 in its own file, fed in the background.
+
+Indexing a message for FTS5 (tokenising, stemming, merging segments) costs several times as much
+as storing it. Done by a trigger inside the write, it capped acknowledged writes at what one
+core can index. So the index lives in its own SQLite file (``conversations.keywords.db``) and
+the write only notes *which* message changed: a trigger appends the message id to
+``keyword_outbox`` in ``conversations.db``, in the same commit (insert, content update and
+delete alike). A background thread then brings the index in step, on the other core:
+
+* **State-based and idempotent.** For a range of outbox entries, one ``DELETE`` removes the
+  index rows of messages that no longer exist and one ``INSERT OR REPLACE … SELECT`` copies the
+  current content of those that do. Each is a single statement over the attached
+  ``conversations.db``, so the work runs inside SQLite without the GIL. The order of changes
+  within a range does not matter: the index row ends equal to the message row, or absent.
+* **Crash-safe.** The last applied outbox ``seq`` is stored in the index file, in the same
+  transaction as the index rows; after a kill the next pass starts after it. Applied entries are
+  then pruned from the outbox through the writer (garbage collection only).
+* **Read your writes.** A keyword search first calls :meth:`KeywordIndex.flush`, which applies
+  whatever was committed before it, so an acknowledged message is always findable.
+* **Derived data.** The file is rebuilt from ``messages`` when it is missing (a new or migrated
+  database, a restored backup), damaged, or belongs to another database (its id differs) or a
+  later point of this one (its ``seq`` is ahead of the outbox's: an older copy was restored).
+
+Readers of ``conversations.db`` attach the file as ``keywords``, so queries name
+``messages_fts`` as before.
+"""
+
+from __future__ import annotations
+
+import logging
+import sqlite3
+import threading
+from functools import partial
+from pathlib import Path
+
+from tabagent.storage.sqlite import Database
+from tabagent.storage.writer import Writer
+
+log = logging.getLogger(__name__)
+
+SCHEMA = "keywords"  # the name readers of conversations.db attach the index under
+_BATCH = 50_000  # outbox entries per index transaction
+_PRUNE_EVERY = 1024  # applied outbox entries are deleted (through the writer) in batches
+
+# In conversations.db (migration 3 of the conversations store).
+OUTBOX_DDL = """
+CREATE TABLE keyword_outbox(
+    seq INTEGER PRIMARY KEY AUTOINCREMENT,  -- never reused, even after pruning
+    message_id INTEGER NOT NULL
+);
+CREATE TABLE keyword_index_id(id TEXT NOT NULL);
+INSERT INTO keyword_index_id VALUES (lower(hex(randomblob(16))));
+CREATE TRIGGER messages_keywords_insert AFTER INSERT ON messages BEGIN
+    INSERT INTO keyword_outbox(message_id) VALUES (new.id);
+END;
+CREATE TRIGGER messages_keywords_update AFTER UPDATE OF content ON messages BEGIN
+    INSERT INTO keyword_outbox(message_id) VALUES (new.id);
+END;
+CREATE TRIGGER messages_keywords_delete AFTER DELETE ON messages BEGIN
+    INSERT INTO keyword_outbox(message_id) VALUES (old.id);
+END;
+"""
+
+_INDEX_DDL = """
+CREATE VIRTUAL TABLE IF NOT EXISTS messages_fts USING fts5(
+    content, tokenize='porter unicode61 remove_diacritics 2'
+);
+CREATE TABLE IF NOT EXISTS keyword_state(source_id TEXT NOT NULL, applied INTEGER NOT NULL);
+"""
+
+_REMOVE_GONE = """
+DELETE FROM messages_fts WHERE rowid IN (
+    SELECT o.message_id FROM src.keyword_outbox o
+    WHERE o.seq > ? AND o.seq <= ?
+      AND NOT EXISTS (SELECT 1 FROM src.messages m WHERE m.id = o.message_id)
+)
+"""
+_COPY_CURRENT = """
+INSERT OR REPLACE INTO messages_fts(rowid, content)
+SELECT m.id, m.content FROM src.keyword_outbox o JOIN src.messages m ON m.id = o.message_id
+WHERE o.seq > ? AND o.seq <= ?
+"""
+
+
+def index_path(source: Database) -> Path:
+    return source.path.with_name(f"{source.path.stem}.keywords.db")
+
+
+def _prune(conn: sqlite3.Connection, upto: int) -> None:
+    conn.execute("DELETE FROM keyword_outbox WHERE seq <= ?", (upto,))
+
+
+class KeywordIndex:
+    def __init__(self, source: Database, writer: Writer, *, interval: float = 0.5) -> None:
+        self.source = source
+        self.path = index_path(source)
+        self.writer = writer
+        self.interval = interval
+        self.applied = 0  # the last outbox seq reflected in the index
+        self.indexed = 0  # outbox entries applied since open (for stats and tests)
+        self._pruned = -1  # outbox entries up to this seq are known gone
+        self._conn: sqlite3.Connection | None = None
+        self._lock = threading.Lock()  # one pass at a time, on whichever thread asks
+        self._wake = threading.Event()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    # -- lifecycle --------------------------------------------------------------------------
+
+    def open(self) -> None:
+        """Open (rebuilding when needed) and catch up; ``source`` must be open and unwritten-to
+        by others meanwhile (the writer thread has not started yet)."""
+        try:
+            self._conn = self._connect()
+            rebuild = self._stale_reason()
+        except sqlite3.DatabaseError as exc:  # not a database, damaged: it is derived data
+            rebuild = f"unreadable ({exc})"
+        if rebuild is not None:
+            log.info("%s: rebuilding the keyword index: %s", self.source.name, rebuild)
+            self._rebuild()
+        self.source.attach(SCHEMA, self.path)
+        self.flush()
+
+    def start(self) -> None:
+        self._stop.clear()
+        self._thread = threading.Thread(target=self._run, name="tabagent-keywords", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._wake.set()
+        if self._thread is not None:
+            self._thread.join()
+            self._thread = None
+        if self._conn is not None:
+            self._conn.close()
+            self._conn = None
+
+    def notify(self, db: Database) -> None:
+        """Called by the writer after each commit."""
+        if db is self.source:
+            self._wake.set()
+
+    # -- the index file ---------------------------------------------------------------------
+
+    def _connect(self) -> sqlite3.Connection:
+        conn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
+        conn.execute("PRAGMA busy_timeout = 5000")
+        conn.execute("PRAGMA journal_mode = WAL")
+        conn.execute("PRAGMA synchronous = NORMAL")  # derived data: a power cut means a rebuild
+        conn.execute("PRAGMA temp_store = MEMORY")
+        conn.executescript(_INDEX_DDL)
+        source = f"{self.source.path.resolve().as_uri()}?mode=ro"
+        conn.execute("ATTACH DATABASE ? AS src", (source,))
+        return conn
+
+    @property
+    def conn(self) -> sqlite3.Connection:
+        assert self._conn is not None, "the keyword index is not open"
+        return self._conn
+
+    def _source_state(self) -> tuple[str, int]:
+        """(id of the source database, the last outbox seq it ever handed out)."""
+        conn = self.conn
+        source_id = conn.execute("SELECT id FROM src.keyword_index_id").fetchone()[0]
+        row = conn.execute(
+            "SELECT seq FROM src.sqlite_sequence WHERE name = 'keyword_outbox'"
+        ).fetchone()
+        return source_id, row[0] if row else 0
+
+    def _stale_reason(self) -> str | None:
+        row = self.conn.execute("SELECT source_id, applied FROM keyword_state").fetchone()
+        if row is None:
+            return "no index yet"
+        source_id, last = self._source_state()
+        if row[0] != source_id:
+            return "it was built from another database"
+        if row[1] > last:
+            return f"it is ahead of the database (seq {row[1]} > {last}): a copy was restored"
+        quick = self.conn.execute("PRAGMA quick_check").fetchone()[0]
+        if quick != "ok":
+            return f"damaged ({quick})"
+        self.applied = row[1]
+        return None
+
+    def _rebuild(self) -> None:
+        """A new index file from every message, in one transaction over one snapshot."""
+        if self._conn is not None:
+            self._conn.close()
+            self._conn = None
+        for suffix in ("", "-wal", "-shm"):
+            Path(f"{self.path}{suffix}").unlink(missing_ok=True)
+        self._conn = conn = self._connect()
+        conn.execute("BEGIN")
+        try:
+            source_id, last = self._source_state()
+            conn.execute(
+                "INSERT INTO messages_fts(rowid, content) SELECT id, content FROM src.messages"
+            )
+            conn.execute("INSERT INTO keyword_state VALUES (?, ?)", (source_id, last))
+            conn.execute("COMMIT")
+        except BaseException:
+            conn.execute("ROLLBACK")
+            raise
+        self.applied = last
+
+    # -- catching up ------------------------------------------------------------------------
+
+    def flush(self) -> int:
+        """Apply every outbox entry committed before the call; returns how many were applied.
+
+        The outbox's last seq is read under the lock (one indexed lookup), so a caller that
+        arrives while the thread is applying a range waits for it, then applies what is left."""
+        with self._lock:
+            total = 0
+            while (done := self._apply_next()) > 0:
+                total += done
+            self.indexed += total
+            if self.applied - self._pruned >= _PRUNE_EVERY:
+                self._prune()
+            return total
+
+    def _apply_next(self) -> int:
+        conn = self.conn
+        top = conn.execute("SELECT max(seq) FROM src.keyword_outbox").fetchone()[0] or 0
+        if top <= self.applied:
+            return 0
+        start, end = self.applied, min(top, self.applied + _BATCH)
+        conn.execute("BEGIN")  # deferred: the write lock is taken on the index file only
+        try:
+            conn.execute(_REMOVE_GONE, (start, end))
+            conn.execute(_COPY_CURRENT, (start, end))
+            conn.execute("UPDATE keyword_state SET applied = ?", (end,))
+            conn.execute("COMMIT")
+        except BaseException:
+            conn.execute("ROLLBACK")
+            raise
+        self.applied = end
+        return end - start
+
+    def _prune(self) -> None:
+        try:
+            future = self.writer.submit(self.source, partial(_prune, upto=self.applied))
+        except Exception:  # closing: the next open prunes
+            return
+        self._pruned = self.applied
+        future.add_done_callback(_log_prune_failure)
+
+    def backlog(self) -> int:
+        """Outbox entries not in the index yet."""
+        reader = self.source.reader()
+        top = reader.execute("SELECT max(seq) FROM keyword_outbox").fetchone()[0] or 0
+        return max(0, top - self.applied)
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            self._wake.wait(self.interval)
+            self._wake.clear()
+            if self._stop.is_set():
+                break
+            try:
+                self.flush()
+            except Exception:  # the outbox keeps everything: retry later
+                log.exception("keyword indexing failed; will retry")
+                self._stop.wait(self.interval)
+
+
+def _log_prune_failure(future: object) -> None:
+    exc = future.exception()  # type: ignore[attr-defined]
+    if exc is not None:
+        log.warning("could not prune the keyword outbox (will retry): %s", exc)
