@@ -5,6 +5,7 @@ Real SQLite files in tmp_path; nothing is mocked.
 
 from __future__ import annotations
 
+import asyncio
 import concurrent.futures
 import contextlib
 import sqlite3
@@ -214,6 +215,53 @@ def test_writes_fail_clearly_when_their_transaction_cannot_begin(
     assert writer.run(db, lambda conn: store.append(conn, "c", [user("after")]))[0].id
     writer.close()
     assert [m.content for m in store.messages("c")] == ["after"]
+
+
+async def test_tasks_get_their_own_outcome_of_a_shared_round_and_a_cancelled_write_never_runs(
+    db: Database, store: ConversationStore
+) -> None:
+    """submit_async: a round's outcomes reach the loop together, each task its own; a task
+    cancelled before its round began leaves no trace; BEGIN failing fails every waiter."""
+    writer = Writer()
+    gate = threading.Event()
+    writer.start()
+    await writer.submit_async(db, lambda conn: store.create(conn, conversation_id="c"))
+    began = threading.Event()
+    blocker = writer.submit_async(db, lambda conn: began.set() or gate.wait(5))
+    assert began.wait(5)  # the writer is held: the next ones share a round
+    texts = [f"m{i}" for i in range(50)]
+    oks = [
+        asyncio.ensure_future(
+            writer.submit_async(db, lambda c, t=t: store.append(c, "c", [user(t)]))
+        )
+        for t in texts
+    ]
+    bad = writer.submit_async(db, lambda conn: store.append(conn, "missing", [user("lost")]))
+    gone = writer.submit_async(db, lambda conn: store.append(conn, "c", [user("cancelled")]))
+    gone.cancel()
+    rounds = writer.rounds
+    gate.set()
+    assert await blocker is True
+    assert [(await f)[0].content for f in oks] == texts
+    with pytest.raises(NotFound, match="missing"):
+        await bad
+    assert writer.rounds == rounds + 2  # the blocker's round, then all the others in one
+    assert [m.content for m in store.messages("c")] == texts
+
+    db.writer.execute("PRAGMA busy_timeout = 100")
+    other = sqlite3.connect(db.path, isolation_level=None)
+    other.execute("BEGIN IMMEDIATE")
+    try:
+        waiters = [writer.submit_async(db, lambda conn: store.append(conn, "c", [user("x")]))]
+        waiters.append(writer.submit_async(db, lambda conn: store.append(conn, "c", [user("y")])))
+        for waiter in waiters:
+            with pytest.raises(StorageError, match="not committed: database is locked"):
+                await asyncio.wait_for(waiter, 10)
+    finally:
+        other.execute("ROLLBACK")
+        other.close()
+    writer.close()
+    assert len(store.messages("c")) == len(texts)
 
 
 # ---- conversations ---------------------------------------------------------------------------

@@ -298,7 +298,7 @@ class Memory:
     async def _write(self, store: str, fn: Callable[[sqlite3.Connection], T]) -> T:
         if not self._open:
             raise StorageError("the memory store is not open", code="storage_closed")
-        return await asyncio.wrap_future(self.writer.submit(self.dbs[store], fn))
+        return await self.writer.submit_async(self.dbs[store], fn)
 
     async def _embed(
         self, texts: Sequence[str]

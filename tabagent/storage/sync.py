@@ -42,8 +42,8 @@ class VectorSync:
         self._lock = threading.Lock()  # one sync at a time; held by backup to freeze LanceDB
         self._wake = threading.Event()
         self._stop = threading.Event()
-        self._dirty = threading.Event()  # a committed write may have queued vectors
-        self._dirty.set()
+        # the sources whose committed writes may have queued vectors (set.add/discard are atomic)
+        self._dirty: set[Database] = set(self.sources)
         self._thread = threading.Thread(target=self._run, name="tabagent-vector-sync", daemon=True)
         self.moved = 0
 
@@ -65,7 +65,7 @@ class VectorSync:
     def notify(self, db: Database) -> None:
         """Called by the writer after each commit."""
         if db in self.sources:
-            self._dirty.set()
+            self._dirty.add(db)
             self._wake.set()
 
     def _run(self) -> None:
@@ -88,15 +88,15 @@ class VectorSync:
     def flush(self) -> int:
         """Move every pending outbox entry into the vector store; returns how many moved.
 
-        Returns only once nothing committed before the call is still on its way: the dirty flag
+        Returns only once nothing committed before the call is still on its way: the dirty set
         is read under the lock, so a caller that arrives while the sync thread is moving entries
-        (already taken from the outbox, the flag already cleared) waits for that move to land."""
+        (already taken from the outbox, the mark already cleared) waits for that move to land."""
         with self._lock:
-            if not self._dirty.is_set():
-                return 0
-            self._dirty.clear()
+            dirty = [db for db in self.sources if db in self._dirty]
+            for db in dirty:
+                self._dirty.discard(db)
             total = 0
-            for db in self.sources:
+            for db in dirty:  # a store with no commit since its last pass is not even read
                 while True:
                     entries = outbox.pending(db.reader(), _BATCH)
                     if not entries:

@@ -6,11 +6,16 @@ what "acknowledged" means. While one transaction commits, newer submissions queu
 round takes them all and runs them in one transaction per database, each inside its own
 savepoint, so one failing write is undone alone and the others still commit. Many concurrent
 single writes thus cost one commit per round instead of one each.
+
+Callers on an event loop use :meth:`Writer.submit_async`: the outcomes of a round reach each
+loop in one thread-safe callback, not one wake-up per write.
 """
 
 from __future__ import annotations
 
+import asyncio
 import concurrent.futures
+import contextlib
 import logging
 import queue
 import sqlite3
@@ -32,7 +37,30 @@ _MAX_ROUND = 1024
 class _Write:
     db: Database
     fn: Callable[[sqlite3.Connection], Any]
-    future: concurrent.futures.Future[Any]
+    future: concurrent.futures.Future[Any] | None = None  # a thread waits on it
+    waiter: asyncio.Future[Any] | None = None  # or a task, on its loop
+    loop: asyncio.AbstractEventLoop | None = None
+
+    def start(self) -> bool:
+        """False when the caller gave up (cancelled) before the write began."""
+        if self.future is not None:
+            return self.future.set_running_or_notify_cancel()
+        assert self.waiter is not None
+        return not self.waiter.cancelled()  # a cancel from here on lets the write go on
+
+
+Outcome = tuple[bool, Any]  # (succeeded, result or exception)
+
+
+def _settle(outcomes: list[tuple[asyncio.Future[Any], Outcome]]) -> None:
+    """On the loop: hand each waiting task its write's outcome."""
+    for waiter, (ok, value) in outcomes:
+        if waiter.done():  # cancelled meanwhile
+            continue
+        if ok:
+            waiter.set_result(value)
+        else:
+            waiter.set_exception(value)
 
 
 class Writer:
@@ -53,8 +81,19 @@ class Writer:
         if self._closed:
             raise StorageError("the memory store is closed", code="storage_closed")
         future: concurrent.futures.Future[T] = concurrent.futures.Future()
-        self._queue.put(_Write(db, fn, future))
+        self._queue.put(_Write(db, fn, future=future))
         return future
+
+    def submit_async(
+        self, db: Database, fn: Callable[[sqlite3.Connection], T]
+    ) -> asyncio.Future[T]:
+        """Like :meth:`submit`, for a task on the running loop (await the result)."""
+        if self._closed:
+            raise StorageError("the memory store is closed", code="storage_closed")
+        loop = asyncio.get_running_loop()
+        waiter: asyncio.Future[T] = loop.create_future()
+        self._queue.put(_Write(db, fn, waiter=waiter, loop=loop))
+        return waiter
 
     def run(self, db: Database, fn: Callable[[sqlite3.Connection], T]) -> T:
         """Submit and wait (from a thread that is not the writer)."""
@@ -93,12 +132,12 @@ class Writer:
             by_db.setdefault(id(item.db), []).append(item)
         for items in by_db.values():
             db = items[0].db
-            outcomes: list[tuple[bool, Any]] = []
+            outcomes: list[Outcome | None] = []  # None: cancelled before it began
             try:
                 with db.transaction() as conn:
                     for item in items:
-                        if not item.future.set_running_or_notify_cancel():
-                            outcomes.append((False, None))
+                        if not item.start():
+                            outcomes.append(None)
                             continue
                         try:
                             with db.savepoint(conn):
@@ -107,21 +146,35 @@ class Writer:
                             outcomes.append((False, exc))
             except BaseException as exc:  # BEGIN or COMMIT failed: nothing in it holds
                 log.exception("%s: commit failed", db.name)
-                for item in items:  # those not reached yet fail too, rather than wait forever
-                    future = item.future
-                    if future.running() or (
-                        not future.done() and future.set_running_or_notify_cancel()
-                    ):
-                        future.set_exception(StorageError(f"{db.name}: write not committed: {exc}"))
+                # every write of the round fails, those not reached yet too (none waits forever)
+                error = StorageError(f"{db.name}: write not committed: {exc}")
+                started = len(outcomes)
+                outcomes = [(False, error) if o is not None else None for o in outcomes]
+                outcomes += [(False, error) if i.start() else None for i in items[started:]]
+                self._resolve(items, outcomes)
                 continue
             self.rounds += 1
             self.writes += len(items)
             if self._on_commit is not None:
                 self._on_commit(db)
-            for item, (ok, value) in zip(items, outcomes, strict=True):
-                if not item.future.running():
-                    continue
+            self._resolve(items, outcomes)
+
+    @staticmethod
+    def _resolve(items: list[_Write], outcomes: list[Outcome | None]) -> None:
+        by_loop: dict[asyncio.AbstractEventLoop, list[tuple[asyncio.Future[Any], Outcome]]] = {}
+        for item, outcome in zip(items, outcomes, strict=True):
+            if outcome is None:
+                continue
+            if item.future is not None:
+                ok, value = outcome
                 if ok:
                     item.future.set_result(value)
                 else:
                     item.future.set_exception(value)
+            else:
+                assert item.loop is not None
+                assert item.waiter is not None
+                by_loop.setdefault(item.loop, []).append((item.waiter, outcome))
+        for loop, settled in by_loop.items():
+            with contextlib.suppress(RuntimeError):  # a closed loop: nobody waits any more
+                loop.call_soon_threadsafe(_settle, settled)
