@@ -63,6 +63,7 @@ def keyword_index(db: Database) -> Iterator[KeywordIndex]:
     index = KeywordIndex(db, writer)
     try:
         index.open()
+        index.flush()  # what its thread does first: catch up, or rebuild
         yield index
     finally:
         index.stop()
@@ -117,6 +118,7 @@ def test_migrating_from_a_previous_schema_keeps_data_and_indexes_it(
     assert conv.tags == []
     assert conv.message_count == 1
     with keyword_index(new) as index:  # built over rows that predate it
+        assert index.rebuilds == 1
         assert index.indexed == 0
         assert index.applied == 0
         assert [mid for mid, _ in store.keyword_search("dog")] == [1]
@@ -407,9 +409,22 @@ def test_a_missing_damaged_or_foreign_keyword_index_is_rebuilt_from_the_messages
         Path(f"{index}{suffix}").unlink(missing_ok=True)
     db = open_db(tmp_path / "conversations.db")
     store = ConversationStore(db)
-    with keyword_index(db):
-        assert _found(store, "ripen") == ({1} if damage == "restored older" else {1, 2})
-        assert _found(store, "kumquats") == set()
+    writer = Writer()
+    writer.start()
+    index = KeywordIndex(db, writer)
+    index.open()
+    assert index.rebuilds == 0  # opening is quick: the rebuild waits for the first flush
+    with db.transaction() as conn:  # a write meanwhile
+        (late,) = store.append(conn, c.id, [user("sloes ripen last")])
+    index.flush()
+    assert index.rebuilds == 1
+    earlier = {1} if damage == "restored older" else {1, 2}
+    assert _found(store, "ripen") == earlier | {late.id}
+    assert _found(store, "kumquats") == set()
+    index.flush()
+    assert index.rebuilds == 1  # once
+    index.stop()
+    writer.close()
     db.close()
 
 

@@ -17,9 +17,12 @@ delete alike). A background thread then brings the index in step, on the other c
   then pruned from the outbox through the writer (garbage collection only).
 * **Read your writes.** A keyword search first calls :meth:`KeywordIndex.flush`, which applies
   whatever was committed before it, so an acknowledged message is always findable.
-* **Derived data.** The file is rebuilt from ``messages`` when it is missing (a new or migrated
-  database, a restored backup), damaged, or belongs to another database (its id differs) or a
-  later point of this one (its ``seq`` is ahead of the outbox's: an older copy was restored).
+* **Derived data.** The index is rebuilt from ``messages`` when it is missing (a new or migrated
+  database, a restored backup), unreadable, or belongs to another database (its id differs) or
+  a later point of this one (its ``seq`` is ahead of the outbox's: an older copy was restored).
+  The rebuild runs at the first flush (the thread's, right after start-up, or a search's, which
+  waits for it), in place, over one snapshot of the messages while writes go on: a long history
+  never holds up the server's start. Deleting the file is always a safe way to force one.
 
 Readers of ``conversations.db`` attach the file as ``keywords``, so queries name
 ``messages_fts`` as before.
@@ -30,6 +33,7 @@ from __future__ import annotations
 import logging
 import sqlite3
 import threading
+import time
 from functools import partial
 from pathlib import Path
 
@@ -61,12 +65,14 @@ CREATE TRIGGER messages_keywords_delete AFTER DELETE ON messages BEGIN
 END;
 """
 
-_INDEX_DDL = """
+_FTS_TABLE = """
 CREATE VIRTUAL TABLE IF NOT EXISTS messages_fts USING fts5(
     content, tokenize='porter unicode61 remove_diacritics 2'
-);
-CREATE TABLE IF NOT EXISTS keyword_state(source_id TEXT NOT NULL, applied INTEGER NOT NULL);
+)
 """
+_STATE_TABLE = (
+    "CREATE TABLE IF NOT EXISTS keyword_state(source_id TEXT NOT NULL, applied INTEGER NOT NULL)"
+)
 
 _REMOVE_GONE = """
 DELETE FROM messages_fts WHERE rowid IN (
@@ -100,6 +106,8 @@ class KeywordIndex:
         self.indexed = 0  # outbox entries applied since open (for stats and tests)
         self._pruned = -1  # outbox entries up to this seq are known gone
         self._conn: sqlite3.Connection | None = None
+        self._stale: str | None = None  # why the index must be rebuilt before it is used
+        self.rebuilds = 0
         self._lock = threading.Lock()  # one pass at a time, on whichever thread asks
         self._wake = threading.Event()
         self._stop = threading.Event()
@@ -108,18 +116,23 @@ class KeywordIndex:
     # -- lifecycle --------------------------------------------------------------------------
 
     def open(self) -> None:
-        """Open (rebuilding when needed) and catch up; ``source`` must be open and unwritten-to
-        by others meanwhile (the writer thread has not started yet)."""
+        """Open the index file (milliseconds) and attach it to ``source``'s readers.
+
+        Catching up, or a rebuild, is left to the first :meth:`flush`: the thread's, or a
+        search's if one comes first (it waits for it). A long history thus never holds up the
+        server's start."""
         try:
             self._conn = self._connect()
-            rebuild = self._stale_reason()
-        except sqlite3.DatabaseError as exc:  # not a database, damaged: it is derived data
-            rebuild = f"unreadable ({exc})"
-        if rebuild is not None:
-            log.info("%s: rebuilding the keyword index: %s", self.source.name, rebuild)
-            self._rebuild()
+            self._stale = self._stale_reason()
+        except sqlite3.DatabaseError as exc:  # not a database at all: it is derived data
+            log.warning("%s: the keyword index is unreadable (%s); recreating", self.path, exc)
+            if self._conn is not None:
+                self._conn.close()
+            for suffix in ("", "-wal", "-shm"):
+                Path(f"{self.path}{suffix}").unlink(missing_ok=True)
+            self._conn = self._connect()
+            self._stale = "it was unreadable"
         self.source.attach(SCHEMA, self.path)
-        self.flush()
 
     def start(self) -> None:
         self._stop.clear()
@@ -149,7 +162,8 @@ class KeywordIndex:
         conn.execute("PRAGMA journal_mode = WAL")
         conn.execute("PRAGMA synchronous = NORMAL")  # derived data: a power cut means a rebuild
         conn.execute("PRAGMA temp_store = MEMORY")
-        conn.executescript(_INDEX_DDL)
+        conn.execute(_FTS_TABLE)
+        conn.execute(_STATE_TABLE)
         source = f"{self.source.path.resolve().as_uri()}?mode=ro"
         conn.execute("ATTACH DATABASE ? AS src", (source,))
         return conn
@@ -177,32 +191,36 @@ class KeywordIndex:
             return "it was built from another database"
         if row[1] > last:
             return f"it is ahead of the database (seq {row[1]} > {last}): a copy was restored"
-        quick = self.conn.execute("PRAGMA quick_check").fetchone()[0]
-        if quick != "ok":
-            return f"damaged ({quick})"
         self.applied = row[1]
         return None
 
-    def _rebuild(self) -> None:
-        """A new index file from every message, in one transaction over one snapshot."""
-        if self._conn is not None:
-            self._conn.close()
-            self._conn = None
-        for suffix in ("", "-wal", "-shm"):
-            Path(f"{self.path}{suffix}").unlink(missing_ok=True)
-        self._conn = conn = self._connect()
+    def _rebuild(self, reason: str) -> None:
+        """The index anew from every message, in place (readers keep their attachment), in
+        one transaction over one snapshot of ``source``: writes go on meanwhile, and those
+        after the snapshot are applied from the outbox afterwards."""
+        log.info("%s: rebuilding the keyword index: %s", self.source.name, reason)
+        started = time.monotonic()
+        conn = self.conn
         conn.execute("BEGIN")
         try:
             source_id, last = self._source_state()
+            conn.execute("DROP TABLE messages_fts")  # much faster than deleting its rows
+            conn.execute(_FTS_TABLE)
             conn.execute(
                 "INSERT INTO messages_fts(rowid, content) SELECT id, content FROM src.messages"
             )
+            conn.execute("DELETE FROM keyword_state")
             conn.execute("INSERT INTO keyword_state VALUES (?, ?)", (source_id, last))
             conn.execute("COMMIT")
         except BaseException:
-            conn.execute("ROLLBACK")
+            if conn.in_transaction:
+                conn.execute("ROLLBACK")
             raise
-        self.applied = last
+        self.applied, self._stale = last, None
+        self.rebuilds += 1
+        log.info(
+            "%s: keyword index rebuilt in %.1f s", self.source.name, time.monotonic() - started
+        )
 
     # -- catching up ------------------------------------------------------------------------
 
@@ -212,6 +230,8 @@ class KeywordIndex:
         The outbox's last seq is read under the lock (one indexed lookup), so a caller that
         arrives while the thread is applying a range waits for it, then applies what is left."""
         with self._lock:
+            if self._stale is not None:
+                self._rebuild(self._stale)
             total = 0
             while (done := self._apply_next()) > 0:
                 total += done
@@ -253,6 +273,7 @@ class KeywordIndex:
         return max(0, top - self.applied)
 
     def _run(self) -> None:
+        self._wake.set()  # catch up (or rebuild) at once
         while not self._stop.is_set():
             self._wake.wait(self.interval)
             self._wake.clear()
