@@ -32,12 +32,14 @@ class VectorSync:
         writer: Writer,
         *,
         interval: float = 0.5,
+        linger: float = 0.02,
         save_every: float = 60.0,
     ) -> None:
         self.vectors = vectors
         self.sources = tuple(sources)
         self.writer = writer
         self.interval = interval
+        self.linger = linger  # after a wake-up, gather the commits of a busy moment (keywords.py)
         self.save_every = save_every
         self._lock = threading.Lock()  # one sync at a time; held by backup to freeze LanceDB
         self._wake = threading.Event()
@@ -72,6 +74,7 @@ class VectorSync:
         last_save = time.monotonic()
         while not self._stop.is_set():
             self._wake.wait(self.interval)
+            self._stop.wait(self.linger)
             self._wake.clear()
             if self._stop.is_set():
                 break
