@@ -336,8 +336,8 @@ def test_the_keyword_index_follows_edits_and_deletes_of_messages(
         (m4,) = store.append(conn, a.id, [user("a short-lived parrot")])
         conn.execute("DELETE FROM messages WHERE id = ?", (m4.id,))  # never seen by the index
     assert _found(store, "parrot") == {m1.id, m3.id}  # not applied yet: the outbox holds it
-    assert keywords.backlog() == 5  # an edit, three deletes, an insert
-    assert keywords.flush() == 5
+    assert keywords.backlog() == 4  # an edit and three deletes; the new message is gone again
+    assert keywords.flush() == 4
     assert _found(store, "parrot") == set()
     assert _found(store, "owl") == set()
     assert _found(store, "ravens") == {m1.id}
@@ -345,26 +345,33 @@ def test_the_keyword_index_follows_edits_and_deletes_of_messages(
     assert rows == 1  # nothing left behind for deleted messages
 
 
-def test_the_keyword_index_resumes_after_its_last_applied_entry_and_prunes_the_outbox(
+def test_the_keyword_index_resumes_where_it_stopped_and_prunes_the_outbox(
     db: Database, store: ConversationStore
 ) -> None:
     with keyword_index(db) as index:
         with db.transaction() as conn:
             c = store.create(conn)
             store.append(conn, c.id, [user(f"note {i} about lemons") for i in range(1500)])
+        assert index.flush() == 1500  # new messages, found by id: no outbox entry
+        assert db.reader().execute("SELECT count(*) FROM keyword_outbox").fetchone()[0] == 0
+        with db.transaction() as conn:  # 1,500 edits: 1,500 outbox entries
+            conn.execute("UPDATE messages SET content = content || ' and limes'")
         assert index.flush() == 1500
-        applied = index.applied
+        copied, applied = index.copied, index.applied
     with db.transaction() as conn:  # written while the index is closed
-        store.append(conn, c.id, [user("limes too")])
+        store.append(conn, c.id, [user("oranges too")])
+        conn.execute("UPDATE messages SET content = 'grapefruit' WHERE id = 1")
     with keyword_index(db) as index:
-        assert index.applied == applied + 1  # caught up on open, from where it stopped
-        assert index.indexed == 1
-        assert len(store.keyword_search("lemons", limit=2000)) == 1500
-        assert [mid for mid, _ in store.keyword_search("limes")] == [1501]
+        assert (index.copied, index.applied) == (copied + 1, applied + 1)  # from where it stopped
+        assert index.indexed == 2
+        assert index.rebuilds == 0
+        assert len(store.keyword_search("limes", limit=2000)) == 1499
+        assert _found(store, "oranges") == {1501}
+        assert _found(store, "grapefruit") == {1}
     # applied entries were pruned in a batch through the writer; the seq never goes back
     assert db.reader().execute("SELECT count(*) FROM keyword_outbox").fetchone()[0] == 0
     with db.transaction() as conn:
-        store.append(conn, c.id, [user("and oranges")])
+        conn.execute("UPDATE messages SET content = 'kiwi' WHERE id = 2")
     assert [r[0] for r in db.reader().execute("SELECT seq FROM keyword_outbox")] == [1502]
 
 

@@ -2,24 +2,27 @@
 
 Indexing a message for FTS5 (tokenising, stemming, merging segments) costs several times as much
 as storing it. Done by a trigger inside the write, it capped acknowledged writes at what one
-core can index. So the index lives in its own SQLite file (``conversations.keywords.db``) and
-the write only notes *which* message changed: a trigger appends the message id to
-``keyword_outbox`` in ``conversations.db``, in the same commit (insert, content update and
-delete alike). A background thread then brings the index in step, on the other core:
+core can index. So the index lives in its own SQLite file (``conversations.keywords.db``) and a
+background thread brings it in step with ``conversations.db``, on the other core. A write adds
+nothing for it, except when it edits or deletes a message:
 
-* **State-based and idempotent.** For a range of outbox entries, one ``DELETE`` removes the
-  index rows of messages that no longer exist and one ``INSERT OR REPLACE … SELECT`` copies the
-  current content of those that do. Each is a single statement over the attached
-  ``conversations.db``, so the work runs inside SQLite without the GIL. The order of changes
-  within a range does not matter: the index row ends equal to the message row, or absent.
-* **Crash-safe.** The last applied outbox ``seq`` is stored in the index file, in the same
-  transaction as the index rows; after a kill the next pass starts after it. Applied entries are
-  then pruned from the outbox through the writer (garbage collection only).
+* **New messages** are found by id: ids come from AUTOINCREMENT and the writer is one thread,
+  so every message up to the largest id a snapshot shows is committed (or already deleted). The
+  index remembers the largest id it has copied; a pass copies the messages above it.
+* **Edits and deletes** are rare, so a trigger notes the message id in ``keyword_outbox``, in
+  the same commit; a pass removes the index rows of messages that no longer exist and copies the
+  current content of those that do.
+* **State-based and idempotent.** Each step is one statement over the attached
+  ``conversations.db`` (the work runs inside SQLite, without the GIL) and leaves an index row
+  equal to its message row, or absent: the order of changes within a pass does not matter.
+* **Crash-safe.** The largest copied id and the last applied outbox ``seq`` are stored in the
+  index file, in the same transaction as the index rows; after a kill the next pass starts
+  after them. Applied outbox entries are then pruned through the writer (garbage collection).
 * **Read your writes.** A keyword search first calls :meth:`KeywordIndex.flush`, which applies
   whatever was committed before it, so an acknowledged message is always findable.
 * **Derived data.** The index is rebuilt from ``messages`` when it is missing (a new or migrated
   database, a restored backup), unreadable, or belongs to another database (its id differs) or
-  a later point of this one (its ``seq`` is ahead of the outbox's: an older copy was restored).
+  a later point of this one (it is ahead of the database: an older copy was restored).
   The rebuild runs at the first flush (the thread's, right after start-up, or a search's, which
   waits for it), in place, over one snapshot of the messages while writes go on: a long history
   never holds up the server's start. Deleting the file is always a safe way to force one.
@@ -43,7 +46,7 @@ from tabagent.storage.writer import Writer
 log = logging.getLogger(__name__)
 
 SCHEMA = "keywords"  # the name readers of conversations.db attach the index under
-_BATCH = 50_000  # outbox entries per index transaction
+_BATCH = 50_000  # new messages, and outbox entries, per index transaction
 _PRUNE_EVERY = 1024  # applied outbox entries are deleted (through the writer) in batches
 
 # In conversations.db (migration 3 of the conversations store).
@@ -54,9 +57,6 @@ CREATE TABLE keyword_outbox(
 );
 CREATE TABLE keyword_index_id(id TEXT NOT NULL);
 INSERT INTO keyword_index_id VALUES (lower(hex(randomblob(16))));
-CREATE TRIGGER messages_keywords_insert AFTER INSERT ON messages BEGIN
-    INSERT INTO keyword_outbox(message_id) VALUES (new.id);
-END;
 CREATE TRIGGER messages_keywords_update AFTER UPDATE OF content ON messages BEGIN
     INSERT INTO keyword_outbox(message_id) VALUES (new.id);
 END;
@@ -70,9 +70,13 @@ CREATE VIRTUAL TABLE IF NOT EXISTS messages_fts USING fts5(
     content, tokenize='porter unicode61 remove_diacritics 2'
 )
 """
-_STATE_TABLE = (
-    "CREATE TABLE IF NOT EXISTS keyword_state(source_id TEXT NOT NULL, applied INTEGER NOT NULL)"
+_STATE_TABLE = """
+CREATE TABLE IF NOT EXISTS keyword_state(
+    source_id TEXT NOT NULL,   -- keyword_index_id of the database it was built from
+    copied INTEGER NOT NULL,   -- every message up to this id is in the index
+    applied INTEGER NOT NULL   -- and every outbox entry up to this seq
 )
+"""
 
 _REMOVE_GONE = """
 DELETE FROM messages_fts WHERE rowid IN (
@@ -85,6 +89,10 @@ _COPY_CURRENT = """
 INSERT OR REPLACE INTO messages_fts(rowid, content)
 SELECT m.id, m.content FROM src.keyword_outbox o JOIN src.messages m ON m.id = o.message_id
 WHERE o.seq > ? AND o.seq <= ?
+"""
+_COPY_NEW = """
+INSERT OR REPLACE INTO messages_fts(rowid, content)
+SELECT id, content FROM src.messages WHERE id > ? AND id <= ?
 """
 
 
@@ -108,8 +116,9 @@ class KeywordIndex:
         # share one pass (and one transaction) instead of waking it one by one: sequential
         # acknowledged writes ran 1.7x faster. Searches never wait for it: they flush.
         self.linger = linger
-        self.applied = 0  # the last outbox seq reflected in the index
-        self.indexed = 0  # outbox entries applied since open (for stats and tests)
+        self.copied = 0  # every message up to this id is in the index
+        self.applied = 0  # and every outbox entry up to this seq
+        self.indexed = 0  # new messages and outbox entries applied since open (stats, tests)
         self._pruned = -1  # outbox entries up to this seq are known gone
         self._conn: sqlite3.Connection | None = None
         self._stale: str | None = None  # why the index must be rebuilt before it is used
@@ -179,25 +188,24 @@ class KeywordIndex:
         assert self._conn is not None, "the keyword index is not open"
         return self._conn
 
-    def _source_state(self) -> tuple[str, int]:
-        """(id of the source database, the last outbox seq it ever handed out)."""
+    def _source_state(self) -> tuple[str, int, int]:
+        """(id of the source database, the last message id and the last outbox seq it ever
+        handed out)."""
         conn = self.conn
         source_id = conn.execute("SELECT id FROM src.keyword_index_id").fetchone()[0]
-        row = conn.execute(
-            "SELECT seq FROM src.sqlite_sequence WHERE name = 'keyword_outbox'"
-        ).fetchone()
-        return source_id, row[0] if row else 0
+        last = dict(conn.execute("SELECT name, seq FROM src.sqlite_sequence").fetchall())
+        return source_id, last.get("messages", 0), last.get("keyword_outbox", 0)
 
     def _stale_reason(self) -> str | None:
-        row = self.conn.execute("SELECT source_id, applied FROM keyword_state").fetchone()
+        row = self.conn.execute("SELECT source_id, copied, applied FROM keyword_state").fetchone()
         if row is None:
             return "no index yet"
-        source_id, last = self._source_state()
+        source_id, last_id, last_seq = self._source_state()
         if row[0] != source_id:
             return "it was built from another database"
-        if row[1] > last:
-            return f"it is ahead of the database (seq {row[1]} > {last}): a copy was restored"
-        self.applied = row[1]
+        if row[1] > last_id or row[2] > last_seq:
+            return "it is ahead of the database: an older copy was restored"
+        self.copied, self.applied = row[1], row[2]
         return None
 
     def _rebuild(self, reason: str) -> None:
@@ -209,20 +217,22 @@ class KeywordIndex:
         conn = self.conn
         conn.execute("BEGIN")
         try:
-            source_id, last = self._source_state()
+            source_id, last_id, last_seq = self._source_state()
             conn.execute("DROP TABLE messages_fts")  # much faster than deleting its rows
             conn.execute(_FTS_TABLE)
             conn.execute(
                 "INSERT INTO messages_fts(rowid, content) SELECT id, content FROM src.messages"
             )
             conn.execute("DELETE FROM keyword_state")
-            conn.execute("INSERT INTO keyword_state VALUES (?, ?)", (source_id, last))
+            conn.execute(
+                "INSERT INTO keyword_state VALUES (?, ?, ?)", (source_id, last_id, last_seq)
+            )
             conn.execute("COMMIT")
         except BaseException:
             if conn.in_transaction:
                 conn.execute("ROLLBACK")
             raise
-        self.applied, self._stale = last, None
+        self.copied, self.applied, self._stale = last_id, last_seq, None
         self.rebuilds += 1
         log.info(
             "%s: keyword index rebuilt in %.1f s", self.source.name, time.monotonic() - started
@@ -231,9 +241,9 @@ class KeywordIndex:
     # -- catching up ------------------------------------------------------------------------
 
     def flush(self) -> int:
-        """Apply every outbox entry committed before the call; returns how many were applied.
+        """Index every message and outbox entry committed before the call; returns how many.
 
-        The outbox's last seq is read under the lock (one indexed lookup), so a caller that
+        The largest id and seq are read under the lock (two indexed lookups), so a caller that
         arrives while the thread is applying a range waits for it, then applies what is left."""
         with self._lock:
             if self._stale is not None:
@@ -246,23 +256,35 @@ class KeywordIndex:
                 self._prune()
             return total
 
+    def _tops(self, conn: sqlite3.Connection, prefix: str = "src.") -> tuple[int, int]:
+        top_id = conn.execute(f"SELECT max(id) FROM {prefix}messages").fetchone()[0] or 0
+        top_seq = conn.execute(f"SELECT max(seq) FROM {prefix}keyword_outbox").fetchone()[0]
+        return top_id, top_seq or 0
+
     def _apply_next(self) -> int:
         conn = self.conn
-        top = conn.execute("SELECT max(seq) FROM src.keyword_outbox").fetchone()[0] or 0
-        if top <= self.applied:
+        top_id, top_seq = self._tops(conn)
+        copied, applied = self.copied, self.applied
+        to_id = max(copied, min(top_id, copied + _BATCH))
+        to_seq = max(applied, min(top_seq, applied + _BATCH))
+        if to_id == copied and to_seq == applied:
             return 0
-        start, end = self.applied, min(top, self.applied + _BATCH)
-        conn.execute("BEGIN")  # deferred: the write lock is taken on the index file only
+        # Deferred: the write lock is taken on the index file only, and the reads of src share
+        # one snapshot, which holds every message and entry up to the tops read above.
+        conn.execute("BEGIN")
         try:
-            conn.execute(_REMOVE_GONE, (start, end))
-            conn.execute(_COPY_CURRENT, (start, end))
-            conn.execute("UPDATE keyword_state SET applied = ?", (end,))
+            if to_seq > applied:
+                conn.execute(_REMOVE_GONE, (applied, to_seq))
+                conn.execute(_COPY_CURRENT, (applied, to_seq))
+            if to_id > copied:
+                conn.execute(_COPY_NEW, (copied, to_id))
+            conn.execute("UPDATE keyword_state SET copied = ?, applied = ?", (to_id, to_seq))
             conn.execute("COMMIT")
         except BaseException:
             conn.execute("ROLLBACK")
             raise
-        self.applied = end
-        return end - start
+        self.copied, self.applied = to_id, to_seq
+        return (to_id - copied) + (to_seq - applied)
 
     def _prune(self) -> None:
         try:
@@ -273,10 +295,9 @@ class KeywordIndex:
         future.add_done_callback(_log_prune_failure)
 
     def backlog(self) -> int:
-        """Outbox entries not in the index yet."""
-        reader = self.source.reader()
-        top = reader.execute("SELECT max(seq) FROM keyword_outbox").fetchone()[0] or 0
-        return max(0, top - self.applied)
+        """New messages and outbox entries not in the index yet."""
+        top_id, top_seq = self._tops(self.source.reader(), prefix="")
+        return max(0, top_id - self.copied) + max(0, top_seq - self.applied)
 
     def _run(self) -> None:
         self._wake.set()  # catch up (or rebuild) at once
