@@ -263,8 +263,7 @@ def _store_batched(db: Database, store: ConversationStore, texts: list[str], tag
     start = time.perf_counter()
     for b, batch in enumerate(batches):
         with db.transaction() as conn:
-            store.ensure(conn, f"{tag}-{b}", None)
-            store.append(conn, f"{tag}-{b}", batch)
+            store.append(conn, f"{tag}-{b}", batch, create=True)
     return len(texts) / (time.perf_counter() - start)
 
 

@@ -288,6 +288,15 @@ def test_messages_keep_their_order_and_conversations_list_newest_first(
         store.message(10_000)
     with pytest.raises(NotFound), db.transaction() as conn:
         store.append(conn, "nope", [user("x")])
+    with db.transaction() as conn:  # create: a missing conversation is made, with the model
+        store.append(
+            conn, "chat-1", [NewMessage(role="user", content="hi", model="m")], create=True
+        )
+    with db.transaction() as conn:  # and an existing one is marked updated
+        store.append(conn, a.id, [user("four")], create=True)
+    assert store.get("chat-1").model == "m"
+    assert [c.id for c in store.recent()][:2] == [a.id, "chat-1"]
+    assert store.get(a.id).message_count == 3
 
 
 def test_keyword_search_stems_ignores_query_syntax_and_filters(

@@ -155,15 +155,6 @@ class ConversationStore:
         row = conn.execute("SELECT 1 FROM conversations WHERE id = ?", (conversation_id,))
         return row.fetchone() is not None
 
-    def ensure(self, conn: sqlite3.Connection, conversation_id: str, model: str | None) -> None:
-        """Create the conversation if it does not exist (chat names ids the client chose)."""
-        now = time.time()
-        conn.execute(
-            "INSERT OR IGNORE INTO conversations(id, model, created_at, updated_at)"
-            " VALUES (?, ?, ?, ?)",
-            (conversation_id, model, now, now),
-        )
-
     def update(
         self,
         conn: sqlite3.Connection,
@@ -206,14 +197,28 @@ class ConversationStore:
         messages: Sequence[NewMessage],
         vectors: npt.NDArray[np.float32] | None = None,
         embedding_model: str | None = None,
+        *,
+        create: bool = False,
     ) -> list[Message]:
-        """Append messages (and their vectors, row for row) in the caller's transaction."""
+        """Append messages (and their vectors, row for row) in the caller's transaction.
+
+        With ``create`` a missing conversation is made (chat names ids the client chose), with
+        the first message's model; in the same statement that marks an existing one updated."""
         now = time.time()
-        cur = conn.execute(
-            "UPDATE conversations SET updated_at = ? WHERE id = ?", (now, conversation_id)
-        )
-        if cur.rowcount == 0:
-            raise NotFound(f"no conversation {conversation_id!r}", code="conversation_not_found")
+        if create:
+            conn.execute(
+                "INSERT INTO conversations(id, model, created_at, updated_at) VALUES (?, ?, ?, ?)"
+                " ON CONFLICT(id) DO UPDATE SET updated_at = excluded.updated_at",
+                (conversation_id, messages[0].model if messages else None, now, now),
+            )
+        else:
+            cur = conn.execute(
+                "UPDATE conversations SET updated_at = ? WHERE id = ?", (now, conversation_id)
+            )
+            if cur.rowcount == 0:
+                raise NotFound(
+                    f"no conversation {conversation_id!r}", code="conversation_not_found"
+                )
         embedded = vectors is not None and embedding_model is not None
         stored = []
         for i, msg in enumerate(messages):

@@ -384,9 +384,9 @@ class Memory:
         vectors, model = await self._embed([m.content for m in messages]) if embed else (None, None)
 
         def write(conn: sqlite3.Connection) -> list[Message]:
-            if create:
-                self.conversations.ensure(conn, conversation_id, messages[0].model)
-            return self.conversations.append(conn, conversation_id, messages, vectors, model)
+            return self.conversations.append(
+                conn, conversation_id, messages, vectors, model, create=create
+            )
 
         return await self._write("conversations", write)
 
