@@ -41,7 +41,7 @@ from functools import partial
 from pathlib import Path
 
 from tabagent.storage.sqlite import Database
-from tabagent.storage.writer import Writer
+from tabagent.storage.writer import Writer, await_commits
 
 log = logging.getLogger(__name__)
 
@@ -301,12 +301,7 @@ class KeywordIndex:
 
     def _run(self) -> None:
         self._wake.set()  # catch up (or rebuild) at once
-        while not self._stop.is_set():
-            self._wake.wait(self.interval)
-            self._stop.wait(self.linger)
-            self._wake.clear()
-            if self._stop.is_set():
-                break
+        while await_commits(self._wake, self._stop, self.interval, self.linger):
             try:
                 self.flush()
             except Exception:  # the outbox keeps everything: retry later

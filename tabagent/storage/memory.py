@@ -161,7 +161,7 @@ class Memory:
         try:
             self.root.mkdir(parents=True, exist_ok=True)
             versions = {name: db.open() for name, db in self.dbs.items()}
-            self.keywords.open()  # before the writer starts: a rebuild sees a still database
+            self.keywords.open()  # quick: catching up or a rebuild is its thread's first pass
         except BaseException:
             self.keywords.stop()
             for db in self.dbs.values():
@@ -575,14 +575,8 @@ class Memory:
             "meta": {"schema_versions": self.meta.schema_versions()},
         }
         for name, db in self.dbs.items():
-            out[name]["bytes"] = sum(
-                p.stat().st_size for p in db.path.parent.glob(f"{db.path.name}*") if p.is_file()
-            )
-        out["conversations"]["bytes"] += sum(
-            p.stat().st_size
-            for p in self.keywords.path.parent.glob(f"{self.keywords.path.name}*")
-            if p.is_file()
-        )
+            out[name]["bytes"] = _file_bytes(db.path)
+        out["conversations"]["bytes"] += _file_bytes(self.keywords.path)
         out["conversations"]["keyword_backlog"] = self.keywords.backlog()
         out["embeddings"]["bytes"] = sum(
             p.stat().st_size for p in self.vectors.root.rglob("*") if p.is_file()
@@ -594,3 +588,8 @@ class Memory:
         if not self._open:
             raise StorageError("the memory store is not open", code="storage_closed")
         return await asyncio.get_running_loop().run_in_executor(None, backup, self, target)
+
+
+def _file_bytes(path: Path) -> int:
+    """Size of an SQLite file with its -wal and -shm."""
+    return sum(p.stat().st_size for p in path.parent.glob(f"{path.name}*") if p.is_file())

@@ -17,7 +17,7 @@ from functools import partial
 from tabagent.storage import outbox
 from tabagent.storage.sqlite import Database
 from tabagent.storage.vectors import VectorRow, VectorStore
-from tabagent.storage.writer import Writer
+from tabagent.storage.writer import Writer, await_commits
 
 log = logging.getLogger(__name__)
 
@@ -72,12 +72,7 @@ class VectorSync:
 
     def _run(self) -> None:
         last_save = time.monotonic()
-        while not self._stop.is_set():
-            self._wake.wait(self.interval)
-            self._stop.wait(self.linger)
-            self._wake.clear()
-            if self._stop.is_set():
-                break
+        while await_commits(self._wake, self._stop, self.interval, self.linger):
             try:
                 self.flush()
                 if time.monotonic() - last_save > self.save_every:

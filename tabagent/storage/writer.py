@@ -52,6 +52,18 @@ class _Write:
 Outcome = tuple[bool, Any]  # (succeeded, result or exception)
 
 
+def await_commits(
+    wake: threading.Event, stop: threading.Event, interval: float, linger: float
+) -> bool:
+    """The wait of a thread that works after commits (the vector sync, the keyword index):
+    until a commit wakes it (``wake``) or ``interval`` passes, then ``linger`` more, so the
+    writes of a busy moment share one pass. False once ``stop`` is set."""
+    wake.wait(interval)
+    stop.wait(linger)
+    wake.clear()
+    return not stop.is_set()
+
+
 def _settle(outcomes: list[tuple[asyncio.Future[Any], Outcome]]) -> None:
     """On the loop: hand each waiting task its write's outcome."""
     for waiter, (ok, value) in outcomes:
