@@ -299,6 +299,26 @@ def test_messages_keep_their_order_and_conversations_list_newest_first(
     assert store.get(a.id).message_count == 3
 
 
+def test_append_returns_the_stored_messages_even_after_the_newest_was_deleted(
+    db: Database, store: ConversationStore
+) -> None:
+    with db.transaction() as conn:
+        a = store.create(conn)
+        first = store.append(conn, a.id, [user("one"), user("two"), user("three")])
+        conn.execute("DELETE FROM messages WHERE id = ?", (first[-1].id,))
+    with db.transaction() as conn:  # another conversation's rows in between, same transaction
+        store.append(conn, "other", [user("elsewhere")], create=True)
+        later = store.append(
+            conn, a.id, [NewMessage(role="assistant", content="four", created_at=5.0), user("5")]
+        )
+    assert store.messages(a.id) == first[:2] + later
+    assert [m.id for m in later] == [first[-1].id + 2, first[-1].id + 3]  # never reused
+    assert later[0].created_at == 5.0
+    assert later[1].created_at > 5.0
+    with db.transaction() as conn:
+        assert store.append(conn, a.id, []) == []
+
+
 def test_keyword_search_stems_ignores_query_syntax_and_filters(
     db: Database, store: ConversationStore, keywords: KeywordIndex
 ) -> None:

@@ -219,33 +219,46 @@ class ConversationStore:
                 raise NotFound(
                     f"no conversation {conversation_id!r}", code="conversation_not_found"
                 )
+        if not messages:
+            return []
         embedded = vectors is not None and embedding_model is not None
-        stored = []
-        for i, msg in enumerate(messages):
-            created = msg.created_at if msg.created_at is not None else now
-            row_id = conn.execute(
-                "INSERT INTO messages(conversation_id, role, content, model, created_at, embedded)"
-                " VALUES (?, ?, ?, ?, ?, ?)",
-                (conversation_id, msg.role, msg.content, msg.model, created, int(embedded)),
-            ).lastrowid
-            assert row_id is not None
-            if embedded:
-                assert vectors is not None
-                assert embedding_model is not None
-                label = vector_label("message", row_id)
-                outbox.queue_vector(conn, label, "message", embedding_model, vectors[i])
-            stored.append(
-                Message(
-                    id=row_id,
-                    conversation_id=conversation_id,
-                    role=msg.role,
-                    content=msg.content,
-                    model=msg.model,
-                    created_at=created,
-                    embedded=embedded,
-                )
+        rows = [
+            (
+                conversation_id,
+                m.role,
+                m.content,
+                m.model,
+                now if m.created_at is None else m.created_at,
             )
-        return stored
+            for m in messages
+        ]
+        conn.executemany(
+            "INSERT INTO messages(conversation_id, role, content, model, created_at, embedded)"
+            f" VALUES (?, ?, ?, ?, ?, {int(embedded)})",
+            rows,
+        )
+        # One statement for the batch, so the ids come from last_insert_rowid(): AUTOINCREMENT
+        # gives each row one more than the largest id yet, and nothing else inserts into
+        # messages inside this transaction, so the batch holds last - n + 1 .. last in order.
+        last = conn.execute("SELECT last_insert_rowid()").fetchone()[0]
+        ids = range(last - len(rows) + 1, last + 1)
+        if embedded:
+            assert vectors is not None
+            assert embedding_model is not None
+            labels = [vector_label("message", i) for i in ids]
+            outbox.queue_vectors(conn, labels, "message", embedding_model, vectors)
+        return [
+            Message(
+                id=i,
+                conversation_id=conversation_id,
+                role=row[1],
+                content=row[2],
+                model=row[3],
+                created_at=row[4],
+                embedded=embedded,
+            )
+            for i, row in zip(ids, rows, strict=True)
+        ]
 
     # -- reads (any thread) -----------------------------------------------------------------
 

@@ -65,6 +65,21 @@ def queue_vector(
     )
 
 
+def queue_vectors(
+    conn: sqlite3.Connection,
+    labels: Sequence[int],
+    kind: str,
+    model: str,
+    vectors: npt.NDArray[np.float32],
+) -> None:
+    """:func:`queue_vector` for many rows in one statement (``vectors`` row for row)."""
+    blobs = np.ascontiguousarray(vectors, dtype="<f4")
+    conn.executemany(
+        "INSERT INTO vector_outbox(op, label, kind, model, vector) VALUES ('upsert', ?, ?, ?, ?)",
+        [(label, kind, model, blobs[i].tobytes()) for i, label in enumerate(labels)],
+    )
+
+
 def pending(conn: sqlite3.Connection, limit: int) -> list[OutboxEntry]:
     rows = conn.execute(
         "SELECT id, op, label, kind, model, vector FROM vector_outbox ORDER BY id LIMIT ?",
