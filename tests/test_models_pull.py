@@ -148,6 +148,23 @@ async def test_server_without_range_gets_a_single_stream(hub: FakeHub, tmp_path:
     assert puller.counters[0].single_stream
 
 
+async def test_a_single_stream_that_drops_starts_over_and_still_verifies(
+    hub: FakeHub, tmp_path: Path
+) -> None:
+    """Without Range a dropped stream restarts from byte 0, while the hash that runs beside
+    the transfer has already read part of the first attempt; the result is still verified."""
+    sha = add_big(hub, "model-Q4_K_M.gguf", 8 * MiB, seed=4)
+    hub.switches.no_range = True
+    hub.switches.drop_after_bytes = 5 * MiB  # after some blocks were hashed
+    hub.switches.drops = 3  # the first GET is the Range probe, which reads no body
+    puller = Puller(ModelCache(tmp_path / "cache", shared=[]), fast_tuning())
+    model = await puller.pull(parse_ref(REPO))
+    assert model.files[0].blob == sha
+    assert puller.counters[0].single_stream
+    assert puller.counters[0].retries == 2
+    assert puller.counters[0].bytes_fetched == 8 * MiB + 2 * 5 * MiB
+
+
 async def test_corrupted_data_is_rejected_and_deleted(hub: FakeHub, tmp_path: Path) -> None:
     add_big(hub, "model-Q4_K_M.gguf", 4 * MiB, seed=4)
     hub.switches.corrupt = True

@@ -43,6 +43,7 @@ MiB = 1024 * 1024
 PARTIAL_SUFFIX = ".tabagent-partial"
 STATE_SUFFIX = ".tabagent-parts.json"
 _WRITE_BLOCK = 512 * 1024  # reads are gathered into writes of this size
+_MAX_IOV = 64  # reads per gathered write, well under every platform's IOV_MAX
 # The part state is saved after this much new data (or this long): a killed process re-fetches
 # at most about this much.
 _STATE_EVERY_BYTES = 4 * MiB
@@ -138,6 +139,8 @@ class _Download:
         self.fd = -1
         self._hasher = hashlib.sha256()
         self._hashed = 0
+        self._advanced = asyncio.Event()  # set by each write: the hashable prefix may have grown
+        self._hashing = asyncio.Lock()  # held while a block is hashed; a restart waits for it
         self._last_state = 0.0
         self._state_bytes = 0
         self._written = 0  # bytes on disk, kept as a running total (summing parts per chunk costs)
@@ -214,11 +217,19 @@ class _Download:
 
     async def _hash_upto(self, limit: int) -> None:
         while self._hashed < limit:
-            count = min(8 * MiB, limit - self._hashed)
-            hashed = await asyncio.to_thread(self._hash_block, self._hashed, count)
-            if not hashed:
-                raise DownloadError(f"{self.remote.name}: short read while verifying")
-            self._hashed += hashed
+            async with self._hashing:
+                count = min(8 * MiB, limit - self._hashed)
+                if count <= 0:  # restarted meanwhile
+                    return
+                hashed = await asyncio.to_thread(self._hash_block, self._hashed, count)
+                if not hashed:
+                    raise DownloadError(f"{self.remote.name}: short read while verifying")
+                self._hashed += hashed
+
+    async def _restart_hash(self) -> None:
+        """Hash from byte 0 again (a stream without Range restarts), once no block is hashing."""
+        async with self._hashing:
+            self._hasher, self._hashed = hashlib.sha256(), 0
 
     def _hash_block(self, offset: int, count: int) -> int:
         """Read back and hash one block, off the event loop (hashlib releases the GIL)."""
@@ -227,10 +238,17 @@ class _Download:
         return len(data)
 
     async def _hash_follower(self, done: asyncio.Event) -> None:
-        while not done.is_set():
-            await self._hash_upto(self._prefix())
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(done.wait(), timeout=0.05)
+        """Hash the file's contiguous prefix while the rest downloads, as soon as it grows:
+        what is still unhashed when the transfer ends is hashed after it, on the clock."""
+        while True:
+            limit = self._prefix()
+            if limit > self._hashed:
+                await self._hash_upto(limit)
+                continue
+            if done.is_set():
+                return
+            self._advanced.clear()
+            await self._advanced.wait()
 
     # ---- the transfer ----
 
@@ -297,6 +315,7 @@ class _Download:
             raise group.exceptions[0] from None
         finally:
             done.set()
+            self._advanced.set()
             await hasher
         if any(p.remaining for p in self.parts):
             raise DownloadError(f"{self.remote.name}: parts are missing after the transfer")
@@ -413,43 +432,52 @@ class _Download:
         headers = {**self.headers, "Range": f"bytes={part.pos}-{part.end - 1}"}
         # sock_read: a connection that sends nothing for stall_timeout is a stall
         timeout = aiohttp.ClientTimeout(total=None, sock_read=self.tuning.stall_timeout)
-        buffer = bytearray()
+        # The reads are kept as they arrive and written with one gathered write (pwritev), so
+        # each byte is copied once in Python's hands, not once more into a joined buffer.
+        reads: list[bytes] = []
+        pending = 0
         try:
             async with self.session.get(self.url, headers=headers, timeout=timeout) as response:
                 self.counters.requests += 1
                 if response.status != 206:
                     _raise_for_status(response.status, self.remote.name)
                     raise _Retryable(f"expected 206, got {response.status}")
-                while part.remaining - len(buffer) > 0:
+                while part.remaining - pending > 0:
                     data = await response.content.read(_WRITE_BLOCK)
                     if not data:
                         raise _Retryable("connection closed mid-part")
-                    buffer += data
-                    if len(buffer) >= _WRITE_BLOCK or len(buffer) >= part.remaining:
-                        await self._commit(part, buffer)
-                        buffer = bytearray()
+                    reads.append(data)
+                    pending += len(data)
+                    if (
+                        pending >= _WRITE_BLOCK
+                        or pending >= part.remaining
+                        or len(reads) >= _MAX_IOV
+                    ):
+                        await self._commit(part, reads)
+                        reads, pending = [], 0
         except aiohttp.ServerTimeoutError:
             self.counters.stalls += 1
             raise _Retryable(f"stalled for {self.tuning.stall_timeout:.0f} s") from None
         finally:
-            if buffer:  # keep what arrived before a failure
-                await self._commit(part, buffer)
+            if reads:  # keep what arrived before a failure
+                await self._commit(part, reads)
 
-    async def _commit(self, part: _Part, data: bytearray) -> None:
-        chunk = memoryview(data)[: max(0, part.remaining)]  # a stolen tail shortened this part
-        if not chunk:
+    async def _commit(self, part: _Part, reads: list[bytes]) -> None:
+        chunks = _take(reads, part.remaining)  # a stolen tail may have shortened this part
+        if not chunks:
             return
         # written in a thread: the event loop keeps reading the other connections meanwhile
-        await asyncio.to_thread(self._write, chunk, part.pos)
-        part.done += len(chunk)
-        self._written += len(chunk)
-        self.counters.bytes_fetched += len(chunk)
+        count = await asyncio.to_thread(self._write_gathered, chunks, part.pos)
+        part.done += count
+        self._written += count
+        self.counters.bytes_fetched += count
+        self._advanced.set()
         self._report()
 
     async def _single_stream(self) -> None:
         self.counters.single_stream = True
         self._written = 0  # no Range: everything restarts from byte 0
-        self._hasher, self._hashed = hashlib.sha256(), 0
+        await self._restart_hash()
         self.parts = [_Part(0, self.remote.size, active=True)]
         for attempt in range(self.tuning.max_retries + 1):
             self.parts[0].done = self._written = 0
@@ -464,12 +492,14 @@ class _Download:
                         part.done += len(data)
                         self._written += len(data)
                         self.counters.bytes_fetched += len(data)
+                        self._advanced.set()
                         self._report()
                 if self.parts[0].remaining == 0:
                     return
                 raise _Retryable("the stream ended early")
             except (aiohttp.ClientError, TimeoutError, _Retryable) as exc:
-                self._hasher, self._hashed = hashlib.sha256(), 0
+                self.parts[0].done = self._written = 0  # the prefix to hash starts over too
+                await self._restart_hash()
                 await self._backoff(attempt, exc)
 
     def _write(self, data: bytes | memoryview, offset: int) -> None:
@@ -480,6 +510,25 @@ class _Download:
                 view, offset = view[written:], offset + written
         except OSError as exc:
             raise _disk_error(exc, self.partial, self.remote.size) from None
+
+    def _write_gathered(self, chunks: list[memoryview], offset: int) -> int:
+        """Write ``chunks`` back to back from ``offset``; returns the bytes written."""
+        total = sum(len(c) for c in chunks)
+        if not hasattr(os, "pwritev"):  # Windows
+            self._write(b"".join(chunks), offset)
+            return total
+        try:
+            while chunks:
+                written = os.pwritev(self.fd, chunks, offset)
+                offset += written
+                while chunks and written >= len(chunks[0]):  # drop what is fully written
+                    written -= len(chunks[0])
+                    chunks = chunks[1:]
+                if written:
+                    chunks = [chunks[0][written:], *chunks[1:]]
+        except OSError as exc:
+            raise _disk_error(exc, self.partial, self.remote.size) from None
+        return total
 
     def _report(self) -> None:
         self._save_state()
@@ -492,6 +541,18 @@ class _Download:
 
 class _Retryable(Exception):
     """A transient failure: retry the part from its last written byte."""
+
+
+def _take(reads: list[bytes], limit: int) -> list[memoryview]:
+    """The first ``limit`` bytes of ``reads`` (views, nothing copied)."""
+    out: list[memoryview] = []
+    for data in reads:
+        if limit <= 0:
+            break
+        view = memoryview(data)[:limit]
+        out.append(view)
+        limit -= len(view)
+    return out
 
 
 def _raise_for_status(status: int, name: str) -> None:
