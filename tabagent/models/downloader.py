@@ -219,8 +219,6 @@ class _Download:
         while self._hashed < limit:
             async with self._hashing:
                 count = min(8 * MiB, limit - self._hashed)
-                if count <= 0:  # restarted meanwhile
-                    return
                 hashed = await asyncio.to_thread(self._hash_block, self._hashed, count)
                 if not hashed:
                     raise DownloadError(f"{self.remote.name}: short read while verifying")

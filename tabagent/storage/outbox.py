@@ -58,11 +58,8 @@ class OutboxEntry:
 def queue_vector(
     conn: sqlite3.Connection, label: int, kind: str, model: str, vector: npt.NDArray[np.float32]
 ) -> None:
-    blob = np.ascontiguousarray(vector, dtype="<f4").tobytes()
-    conn.execute(
-        "INSERT INTO vector_outbox(op, label, kind, model, vector) VALUES ('upsert', ?, ?, ?, ?)",
-        (label, kind, model, blob),
-    )
+    """Queue one row's vector, in the caller's transaction (the row's own)."""
+    queue_vectors(conn, [label], kind, model, np.asarray(vector).reshape(1, -1))
 
 
 def queue_vectors(
@@ -72,7 +69,7 @@ def queue_vectors(
     model: str,
     vectors: npt.NDArray[np.float32],
 ) -> None:
-    """:func:`queue_vector` for many rows in one statement (``vectors`` row for row)."""
+    """Queue the vectors of many rows (``vectors`` row for row) in one statement."""
     blobs = np.ascontiguousarray(vectors, dtype="<f4")
     conn.executemany(
         "INSERT INTO vector_outbox(op, label, kind, model, vector) VALUES ('upsert', ?, ?, ?, ?)",
