@@ -469,16 +469,15 @@ class _Download:
         part.done += count
         self._written += count
         self.counters.bytes_fetched += count
-        self._advanced.set()
         self._report()
 
     async def _single_stream(self) -> None:
         self.counters.single_stream = True
-        self._written = 0  # no Range: everything restarts from byte 0
-        await self._restart_hash()
         self.parts = [_Part(0, self.remote.size, active=True)]
         for attempt in range(self.tuning.max_retries + 1):
+            # no Range: every attempt restarts from byte 0, and so does the hash
             self.parts[0].done = self._written = 0
+            await self._restart_hash()
             try:
                 async with self.session.get(self.url, headers=self.headers) as response:
                     self.counters.requests += 1
@@ -490,14 +489,11 @@ class _Download:
                         part.done += len(data)
                         self._written += len(data)
                         self.counters.bytes_fetched += len(data)
-                        self._advanced.set()
                         self._report()
                 if self.parts[0].remaining == 0:
                     return
                 raise _Retryable("the stream ended early")
             except (aiohttp.ClientError, TimeoutError, _Retryable) as exc:
-                self.parts[0].done = self._written = 0  # the prefix to hash starts over too
-                await self._restart_hash()
                 await self._backoff(attempt, exc)
 
     def _write(self, data: bytes | memoryview, offset: int) -> None:
@@ -529,6 +525,8 @@ class _Download:
         return total
 
     def _report(self) -> None:
+        """After each write: wake the hash follower, save the part state, flush, report."""
+        self._advanced.set()
         self._save_state()
         if self._written - self._flushed >= _FLUSH_EVERY_BYTES:
             self._flushed = self._written
