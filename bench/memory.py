@@ -636,16 +636,15 @@ def run(args: argparse.Namespace) -> None:
     how = f"{CONCURRENCY} concurrent tasks"
     _verdict("acknowledged writes", concurrent, TARGET_SINGLE, how, args.quick, also)
     # The issue does not say one id per call or many; both are shown, each beside its raw peer.
-    reads = rows["ConversationStore.message (sync)"].rate
-    raw = rows["raw sqlite3 SELECT WHERE id = ?"].rate
-    also = f"; raw sqlite3 itself: {raw:,.0f}/s"
-    how = "ConversationStore.message, one id per call"
-    _verdict("reads by id", reads, TARGET_READS, how, args.quick, also)
-    many = rows[f"ConversationStore.messages_by_id({ID_BATCH})"].rate
-    raw = rows[f"raw sqlite3 WHERE id IN ({ID_BATCH} ids)"].rate
-    also = f"; raw sqlite3 itself: {raw:,.0f}/s"
-    how = f"ConversationStore.messages_by_id, {ID_BATCH} ids per call"
-    _verdict("reads by id", many, TARGET_READS, how, args.quick, also)
+    for ours, raw, how in (
+        ("ConversationStore.message (sync)", "raw sqlite3 SELECT WHERE id = ?",
+         "ConversationStore.message, one id per call"),
+        (f"ConversationStore.messages_by_id({ID_BATCH})",
+         f"raw sqlite3 WHERE id IN ({ID_BATCH} ids)",
+         f"ConversationStore.messages_by_id, {ID_BATCH} ids per call"),
+    ):  # fmt: skip
+        also = f"; raw sqlite3 itself: {rows[raw].rate:,.0f}/s"
+        _verdict("reads by id", rows[ours].rate, TARGET_READS, how, args.quick, also)
     hybrid = rows["QueryEngine.search hybrid"]
     end_to_end = rows["await Memory.search hybrid (+ embedding)"]
     print(
