@@ -9,7 +9,6 @@ the ~15 µs of labelled prometheus-client objects.
 from __future__ import annotations
 
 import bisect
-from collections import defaultdict
 from collections.abc import Iterator
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
@@ -30,15 +29,15 @@ class _HttpCollector(Collector):
     """Request counts and latency histograms, aggregated cheaply, exported at scrape time."""
 
     def __init__(self) -> None:
-        self.counts: dict[tuple[str, str, str], int] = defaultdict(int)
-        # (route, method) -> [bucket counts..., +Inf count, sum]
-        self.latency: dict[tuple[str, str], list[float]] = {}
+        # (route, method, status) -> [count per bucket..., +Inf count, sum of seconds]: one
+        # dict lookup per request; counts and per-route histograms are summed when scraped
+        self.cells: dict[tuple[str, str, int], list[float]] = {}
 
     def observe(self, route: str, method: str, status: int, seconds: float) -> None:
-        self.counts[(route, method, str(status))] += 1
-        cells = self.latency.get((route, method))
+        key = (route, method, status)
+        cells = self.cells.get(key)
         if cells is None:
-            cells = self.latency[(route, method)] = [0.0] * (len(_LATENCY_BUCKETS) + 2)
+            cells = self.cells[key] = [0.0] * (len(_LATENCY_BUCKETS) + 2)
         cells[bisect.bisect_left(_LATENCY_BUCKETS, seconds)] += 1
         cells[-1] += seconds
 
@@ -48,15 +47,19 @@ class _HttpCollector(Collector):
             "HTTP requests answered, by route template, method and status.",
             labels=["route", "method", "status"],
         )
-        for key, count in sorted(self.counts.items()):
-            requests.add_metric(list(key), count)
+        by_route: dict[tuple[str, str], list[float]] = {}
+        for (route, method, status), cells in sorted(self.cells.items()):
+            requests.add_metric([route, method, str(status)], sum(cells[:-1]))
+            total = by_route.setdefault((route, method), [0.0] * len(cells))
+            for i, value in enumerate(cells):
+                total[i] += value
         yield requests
         latency = HistogramMetricFamily(
             "tabagent_http_request_duration_seconds",
             "Time from request received to response headers sent (streams: to stream end).",
             labels=["route", "method"],
         )
-        for pair, cells in sorted(self.latency.items()):
+        for pair, cells in by_route.items():
             cumulative = 0.0
             buckets: list[tuple[str, float]] = []
             for bound, seen in zip((*_LATENCY_BUCKETS, float("inf")), cells[:-1], strict=True):
@@ -71,6 +74,8 @@ class Metrics:
         self.registry = CollectorRegistry(auto_describe=True)
         self._http = _HttpCollector()
         self.registry.register(self._http)
+        # observe_http(route, method, status, seconds), bound here: one call less per request
+        self.observe_http = self._http.observe
         self.download_bytes = Counter(
             "tabagent_download_bytes", "Bytes downloaded from the Hub.", registry=self.registry
         )
@@ -91,9 +96,6 @@ class Metrics:
         self.download_retries.inc(retries)
         if seconds > 0 and fetched:
             self.download_speed.observe(fetched / seconds)
-
-    def observe_http(self, route: str, method: str, status: int, seconds: float) -> None:
-        self._http.observe(route, method, status, seconds)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

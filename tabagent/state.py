@@ -8,8 +8,9 @@ from __future__ import annotations
 import secrets
 import time
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Literal
+from typing import TYPE_CHECKING
 
+from tabagent.components import Components
 from tabagent.config import Settings
 from tabagent.errors import ServiceUnavailable
 from tabagent.hardware.detect import HardwareCache
@@ -21,35 +22,6 @@ if TYPE_CHECKING:
     from tabagent.models.service import ModelService
     from tabagent.storage.memory import Memory
     from tabagent.webrtc.sessions import SessionManager
-
-ComponentHealth = Literal["ok", "starting", "degraded", "down", "unavailable", "off"]
-
-
-@dataclass(slots=True)
-class ComponentStatus:
-    state: ComponentHealth
-    detail: str = ""
-
-
-@dataclass
-class Components:
-    """Each component reports its own state here; health reads the snapshot."""
-
-    _status: dict[str, ComponentStatus] = field(default_factory=dict)
-
-    def set(self, name: str, state: ComponentHealth, detail: str = "") -> None:
-        self._status[name] = ComponentStatus(state, detail)
-
-    def snapshot(self) -> dict[str, ComponentStatus]:
-        return dict(self._status)
-
-    @property
-    def overall(self) -> Literal["ok", "starting", "degraded"]:
-        """ok when every component is ok (or deliberately off); starting while one starts."""
-        states = {s.state for s in self._status.values()}
-        if states & {"down", "degraded"}:
-            return "degraded"
-        return "starting" if "starting" in states else "ok"
 
 
 @dataclass

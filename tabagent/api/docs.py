@@ -15,7 +15,7 @@ from aiohttp import web
 from aiohttp.typedefs import Handler
 
 from tabagent.api.keys import OPENAPI
-from tabagent.api.middleware import mark_public
+from tabagent.api.middleware import guarded, mark_public
 from tabagent.errors import NotFound, ServiceUnavailable
 
 OPENAPI_PATH = "/api-doc/openapi.json"
@@ -98,17 +98,17 @@ def add_docs_routes(app: web.Application) -> None:
     async def index(request: web.Request) -> web.Response:
         return _html(_INDEX % {"spec": OPENAPI_PATH})
 
-    app.router.add_get(OPENAPI_PATH, openapi_json, name="openapi")
-    app.router.add_get("/api-doc", index, name="api-doc")
+    app.router.add_get(OPENAPI_PATH, guarded(openapi_json), name="openapi")
+    app.router.add_get("/api-doc", guarded(index), name="api-doc")
     for viewer in _VIEWERS:
         folder = viewer_dir(viewer)
         if folder is not None and viewer == "redoc" and (folder / _REDOC_BUNDLE).is_file():
-            app.router.add_get(
-                f"/api-doc/assets/redoc/{_REDOC_BUNDLE}", _redoc_bundle(folder), name="redoc-bundle"
-            )
+            bundle = guarded(_redoc_bundle(folder))
+            app.router.add_get(f"{ASSETS_PREFIX}redoc/{_REDOC_BUNDLE}", bundle, name="redoc-bundle")
         if folder is not None:
-            app.router.add_static(f"/api-doc/assets/{viewer}", folder, name=f"assets-{viewer}")
-        app.router.add_get(f"/api-doc/{viewer}", _viewer_page(viewer, folder), name=viewer)
+            files = f"{ASSETS_PREFIX}{viewer}/{{tail:.+}}"
+            app.router.add_get(files, guarded(_files(folder)), name=f"assets-{viewer}")
+        app.router.add_get(f"/api-doc/{viewer}", guarded(_viewer_page(viewer, folder)), name=viewer)
 
 
 def _redoc_bundle(folder: Path) -> Handler:
@@ -140,18 +140,21 @@ def _viewer_page(viewer: str, folder: Path | None) -> Handler:
 
 def add_web_ui(app: web.Application, web_dir: Path = WEB_DIR) -> None:
     """Serve the web UI folder at ``/``; registered last so API routes always win."""
-    root = web_dir.resolve()
+    app.router.add_get("/{tail:.*}", guarded(_files(web_dir)), name="web-ui")
+
+
+def _files(folder: Path) -> Handler:
+    """The files under ``folder`` named by the route's ``{tail}``, never one outside it; a
+    folder answers with its ``index.html``."""
+    root = folder.resolve()
 
     @mark_public
-    async def web_file(request: web.Request) -> web.FileResponse:
-        relative = request.match_info["tail"]
-        target = (root / relative).resolve()
-        if not target.is_relative_to(root):
-            raise NotFound(f"no route for {request.method} {request.path}")
-        if target.is_dir():
+    async def serve_file(request: web.Request) -> web.FileResponse:
+        target = (root / request.match_info["tail"]).resolve()
+        if target.is_relative_to(root) and target.is_dir():
             target = target / "index.html"
-        if not target.is_file():
+        if not target.is_relative_to(root) or not target.is_file():
             raise NotFound(f"no route for {request.method} {request.path}")
         return web.FileResponse(target)
 
-    app.router.add_get("/{tail:.*}", web_file, name="web-ui")
+    return serve_file

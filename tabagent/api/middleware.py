@@ -24,7 +24,7 @@ import secrets
 import time
 
 from aiohttp import web
-from aiohttp.typedefs import Handler, Middleware
+from aiohttp.typedefs import Handler
 
 from tabagent.api.keys import CORS_ORIGIN, REQUEST_ID, STATE
 from tabagent.errors import (
@@ -36,6 +36,7 @@ from tabagent.errors import (
     Unauthorized,
 )
 from tabagent.logs import request_id_var
+from tabagent.metrics import Metrics
 
 log = logging.getLogger(__name__)
 
@@ -102,9 +103,7 @@ class SecurityPolicy:
         allowed_origins: tuple[str, ...],
         extension_ids: tuple[str, ...],
         api_key: str | None,
-        public_prefixes: tuple[str, ...] = (),
     ) -> None:
-        self.public_prefixes = public_prefixes  # static files (docs assets) have no handler to mark
         self.seen_hosts: set[str] = set()  # Host headers already checked and allowed
         hosts = set(_LOOPBACK_HOSTS) | {h.lower().strip("[]").rstrip(".") for h in allowed_hosts}
         if bind_host not in _WILDCARD_BINDS:
@@ -145,7 +144,9 @@ def _preflight(request: web.Request, origin: str) -> web.Response:
     )
 
 
-def _check_access(policy: SecurityPolicy, request: web.Request) -> web.Response | None:
+def _check_access(
+    policy: SecurityPolicy, request: web.Request, public: bool
+) -> web.Response | None:
     """Host, Origin and API key checks; a CORS preflight answer, or None to go on."""
     host_header = request.headers.get("Host", "")
     if host_header not in policy.seen_hosts:  # parse each distinct Host header once
@@ -170,39 +171,53 @@ def _check_access(policy: SecurityPolicy, request: web.Request) -> web.Response 
                 "or --extension-ids",
                 code="origin_not_allowed",
             )
-    if policy.requires_key:
-        public = getattr(request.match_info.handler, "tabagent_public", False) or (
-            request.path.startswith(policy.public_prefixes)
+    key_needed = policy.requires_key and not public
+    if key_needed and not policy.key_ok(request.headers.get("Authorization")):
+        raise Unauthorized(
+            "missing or wrong API key: send 'Authorization: Bearer <key>'",
+            headers={"WWW-Authenticate": "Bearer"},
         )
-        if not public and not policy.key_ok(request.headers.get("Authorization")):
-            raise Unauthorized(
-                "missing or wrong API key: send 'Authorization: Bearer <key>'",
-                headers={"WWW-Authenticate": "Bearer"},
-            )
     return None
 
 
-def gateway(policy: SecurityPolicy) -> Middleware:
-    """The one middleware: request id, access checks, every error as JSON, headers, metrics.
+class Gate:
+    """What every request of one application passes: its policy, request ids and metrics."""
 
-    One layer rather than several: each aiohttp middleware costs an extra await per request.
-    """
-    next_id = itertools.count(1)
-    prefix = secrets.token_hex(4)  # distinct ids across restarts; a counter within one run
+    def __init__(self, policy: SecurityPolicy, metrics: Metrics) -> None:
+        self.policy = policy
+        self.observe = metrics.observe_http
+        self._next_id = itertools.count(1)
+        self._prefix = secrets.token_hex(4)  # distinct ids across restarts; a counter within one
 
-    @web.middleware
-    async def middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
-        start = time.perf_counter()
-        incoming = request.headers.get(REQUEST_ID_HEADER)
+    def request_id(self, incoming: str | None) -> str:
         if incoming and _REQUEST_ID_RE.fullmatch(incoming):
-            request_id = incoming
-        else:
-            request_id = f"{prefix}{next(next_id):08x}"
+            return incoming
+        return f"{self._prefix}{next(self._next_id):08x}"
+
+
+GATE = web.AppKey("gate", Gate)
+
+
+def guarded(handler: Handler, *, route: str | None = None) -> Handler:
+    """``handler`` behind the gate: request id, access checks, every error as JSON, the common
+    headers, metrics. Every route's handler is wrapped this way when it is added.
+
+    A wrapper per handler rather than an aiohttp middleware: middlewares add two layers to
+    every request (aiohttp puts its own ``_fix_request_current_app`` beside ours), which cost
+    about as much as everything the gate itself does. ``route`` names the metrics label when
+    the route's path template is not a useful one (the catch-all).
+    """
+    public = getattr(handler, "tabagent_public", False)
+
+    async def guard(request: web.Request) -> web.StreamResponse:
+        start = time.perf_counter()
+        gate = request.app[GATE]
+        request_id = gate.request_id(request.headers.get(REQUEST_ID_HEADER))
         request[REQUEST_ID] = request_id
         token = request_id_var.set(request_id)
         try:
             try:
-                preflight = _check_access(policy, request)
+                preflight = _check_access(gate.policy, request, public)
                 response = preflight if preflight is not None else await handler(request)
             except TabAgentError as exc:
                 response = error_response(exc)
@@ -218,9 +233,8 @@ def gateway(policy: SecurityPolicy) -> Middleware:
             if not response.prepared:  # streams set these before they start
                 response.headers.update(common_headers(request))
             elapsed = time.perf_counter() - start
-            resource = request.match_info.route.resource
-            route = resource.canonical if resource is not None else "unmatched"
-            request.app[STATE].metrics.observe_http(route, request.method, response.status, elapsed)
+            label = route or request.match_info.route.resource.canonical  # type: ignore[union-attr]
+            gate.observe(label, request.method, response.status, elapsed)
             if log.isEnabledFor(logging.DEBUG):
                 log.debug(
                     "%s %s -> %d in %.1f ms",
@@ -230,7 +244,36 @@ def gateway(policy: SecurityPolicy) -> Middleware:
         finally:
             request_id_var.reset(token)
 
-    return middleware
+    guard.__name__ = getattr(handler, "__name__", "handler")
+    guard.__doc__ = handler.__doc__
+    guard.tabagent_guarded = True  # type: ignore[attr-defined]
+    return guard
+
+
+async def _unmatched(request: web.Request) -> web.StreamResponse:
+    """No route matched: 405 with ``Allow`` when the path exists for other methods, else 404."""
+    allowed: set[str] = set()
+    this = request.match_info.route.resource
+    for resource in request.app.router.resources():
+        if resource is not this:
+            allowed |= (await resource.resolve(request))[1]
+    if allowed:
+        methods = ", ".join(sorted(allowed))
+        raise MethodNotAllowed(
+            f"{request.method} is not allowed on {request.path} (allowed: {methods})",
+            headers={"Allow": methods},
+        )
+    raise NotFound(f"no route for {request.method} {request.path}")
+
+
+def install_gate(app: web.Application, gate: Gate) -> None:
+    """Last step of building ``app``: answer every unmatched request as JSON, and check that
+    every route is guarded (an unguarded route would skip the Host and API-key checks)."""
+    app[GATE] = gate
+    app.router.add_route("*", "/{path:.*}", guarded(_unmatched, route="unmatched"))
+    for r in app.router.routes():
+        if not getattr(r.handler, "tabagent_guarded", False):
+            raise RuntimeError(f"route {r.method} {r.resource} is not wrapped with guarded()")
 
 
 def common_headers(request: web.Request) -> dict[str, str]:

@@ -20,6 +20,7 @@ from aiohttp import BodyPartReader, web
 from pydantic import BaseModel
 
 from tabagent.api.keys import REQUEST_ID, STATE
+from tabagent.api.middleware import guarded
 from tabagent.api.routes import read_json_object, sse_headers, started
 from tabagent.errors import BadRequest, PayloadTooLarge, TabAgentError
 from tabagent.ops.chat import Delta, Finished, SamplingFields
@@ -216,4 +217,4 @@ def mount_custom(app: web.Application, registry: Registry, max_body: int) -> Non
     for op in registry:
         if op.http is not None and op.http.adapter == "custom":
             route = builders[op.name](op)
-            app.router.add_route(op.http.method, op.http.path, route, name=op.name)
+            app.router.add_route(op.http.method, op.http.path, guarded(route), name=op.name)

@@ -18,7 +18,7 @@ from aiohttp.typedefs import Handler
 from pydantic import BaseModel
 
 from tabagent.api.keys import REQUEST_ID, STATE
-from tabagent.api.middleware import common_headers, mark_public
+from tabagent.api.middleware import common_headers, guarded, mark_public
 from tabagent.errors import BadRequest, InvalidJSON, PayloadTooLarge, TabAgentError
 from tabagent.ops.registry import Done, OpContext, Operation, Registry, event_name
 
@@ -164,4 +164,5 @@ def mount_operations(
 ) -> None:
     for op in registry:
         if op.http is not None and op.http.adapter == "default" and served(op):
-            app.router.add_route(op.http.method, op.http.path, _handler(op, max_body), name=op.name)
+            handler = guarded(_handler(op, max_body))
+            app.router.add_route(op.http.method, op.http.path, handler, name=op.name)

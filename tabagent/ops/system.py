@@ -11,6 +11,7 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 from tabagent import __version__
+from tabagent.components import ComponentStatus
 from tabagent.config import LogLevel
 from tabagent.ops.registry import Empty, Http, OpContext, OperationGroup
 
@@ -19,16 +20,11 @@ group = OperationGroup(tag="system")
 _REPORTED_PACKAGES = ("aiohttp", "pydantic", "click", "prometheus-client", "platformdirs")
 
 
-class ComponentReport(BaseModel):
-    state: str = Field(description="ok, starting, degraded, down, unavailable or off")
-    detail: str = ""
-
-
 class Health(BaseModel):
     status: Literal["ok", "starting", "degraded"]
     version: str
     uptime_s: float = Field(description="Seconds since the server started.")
-    components: dict[str, ComponentReport]
+    components: dict[str, ComponentStatus]
 
 
 class Paths(BaseModel):
@@ -82,10 +78,7 @@ async def health(ctx: OpContext, req: Empty) -> Health:
         status=components.overall,
         version=__version__,
         uptime_s=round(ctx.state.uptime_s, 3),
-        components={
-            name: ComponentReport(state=s.state, detail=s.detail)
-            for name, s in components.snapshot().items()
-        },
+        components=components.snapshot(),  # ComponentStatus models: validated as they are
     )
 
 
