@@ -25,7 +25,7 @@ from tabagent import __version__
 from tabagent.api.docs import add_docs_routes, add_web_ui
 from tabagent.api.envelope_ws import add_envelope_route
 from tabagent.api.keys import OPENAPI, STATE
-from tabagent.api.middleware import Gate, SecurityPolicy, guarded, install_gate
+from tabagent.api.middleware import GATE, Gate, SecurityPolicy, add_route, close_gate
 from tabagent.api.openai import mount_custom
 from tabagent.api.openapi import build_openapi
 from tabagent.api.routes import mount_operations
@@ -335,6 +335,7 @@ def build_app(
         api_key=settings.api_key.get_secret_value() if settings.api_key else None,
     )
     app = web.Application(client_max_size=settings.max_body_bytes)
+    app[GATE] = Gate(policy, state.metrics)  # before any route: each is added behind it
     app[STATE] = state
     app[OPENAPI] = build_openapi(registry)
     state.models = build_models(settings, state.metrics)
@@ -369,11 +370,11 @@ def build_app(
     mount_operations(app, registry, settings.max_body_bytes, served)
     if transports.http:
         mount_custom(app, registry, settings.max_body_bytes)
-        app.router.add_get("/metrics", guarded(_metrics), name="metrics")
+        add_route(app, "GET", "/metrics", _metrics, name="metrics")
         add_docs_routes(app)
     if transports.http or transports.webrtc:  # the page talks WebRTC, or HTTP when it must
         add_web_ui(app)  # last: its catch-all route must not shadow the API
-    install_gate(app, Gate(policy, state.metrics))
+    close_gate(app)
     return app
 
 

@@ -44,6 +44,8 @@ async def test_metrics_count_requests_by_route_and_status(
     for _ in range(3):
         await client.get("/v1/health")
     await client.post("/v1/system/log-level", json={"level": "LOUD"})
+    await client.post("/v1/system/log-level", json={"level": "WARNING"})
+    await client.delete("/v1/nowhere")  # matches no route: one label for all such requests
     response = await client.get("/metrics")
     assert response.status == 200
     assert response.content_type == "text/plain"
@@ -52,6 +54,12 @@ async def test_metrics_count_requests_by_route_and_status(
     assert 'route="/v1/system/log-level",status="422"} 1.0' in text
     assert (
         'tabagent_http_request_duration_seconds_count{method="GET",route="/v1/health"} 3.0' in text
+    )
+    # the latency histogram of a route sums its answers of every status
+    post = 'duration_seconds_count{method="POST",route="/v1/system/log-level"}'
+    assert f"{post} 2.0" in text
+    assert (
+        'tabagent_http_requests_total{method="DELETE",route="unmatched",status="405"} 1.0' in text
     )
 
 

@@ -3,9 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+import re
 
 import pytest
+from aiohttp import web
 
+from tabagent.api.middleware import GATE, close_gate
+from tabagent.app import build_app
+from tabagent.config import Settings
 from tests.conftest import ClientFactory
 
 EXT_ID = "abcdefghijklmnopabcdefghijklmnop"
@@ -193,3 +198,48 @@ async def test_server_keeps_serving_after_rejections(make_client: ClientFactory)
         await client.post("/v1/system/log-level", data="x" * 5000)
         await client.get("/v1/health", headers={"Host": "evil.example"})
     assert (await client.get("/v1/health")).status == 200
+
+
+@pytest.mark.parametrize("mode", ["all", "http", "webrtc", "native"])
+async def test_every_route_checks_the_host(make_client: ClientFactory, mode: str) -> None:
+    """Routes are added behind the gate one by one; none may have been added around it."""
+    client = await make_client(mode=mode)
+    checked = 0
+    for route in client.app.router.routes():
+        info = route.resource.get_info() if route.resource is not None else {}
+        path = info.get("path") or re.sub(r"\{[^}]*\}", "x", info.get("formatter", "/"))
+        method = "GET" if route.method == "*" else route.method
+        response = await client.request(method, path, headers={"Host": "evil.example"})
+        assert response.status == 403, (route.method, path)
+        if method != "HEAD":
+            assert (await response.json())["error"]["code"] == "host_not_allowed"
+        checked += 1
+    assert checked >= (3 if mode == "native" else 10)  # native: the envelope relay and 404s
+
+
+def test_an_application_with_an_unguarded_route_refuses_to_start(settings: Settings) -> None:
+    async def sneaky(request: web.Request) -> web.Response:
+        return web.Response(text="no checks here")
+
+    app = build_app(settings)
+    app.router.add_get("/sneaky", sneaky)
+    with pytest.raises(RuntimeError, match="not wrapped"):
+        close_gate(app)
+    assert GATE in app
+
+
+@pytest.mark.parametrize(
+    "path",
+    [
+        "/api-doc/assets/swagger/..%2f..%2f..%2f..%2fpyproject.toml",
+        "/api-doc/assets/swagger/%2e%2e/%2e%2e/%2e%2e/%2e%2e/pyproject.toml",
+        "/..%2f..%2fpyproject.toml",
+    ],
+)
+async def test_static_files_never_leave_their_folder(make_client: ClientFactory, path: str) -> None:
+    client = await make_client()
+    assert client.port is not None
+    request = f"GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n"
+    status, body = await raw_request(client.port, request.encode())
+    assert status == 404
+    assert b"[project]" not in body

@@ -15,7 +15,7 @@ from aiohttp import web
 from aiohttp.typedefs import Handler
 
 from tabagent.api.keys import OPENAPI
-from tabagent.api.middleware import guarded, mark_public
+from tabagent.api.middleware import add_route, mark_public
 from tabagent.errors import NotFound, ServiceUnavailable
 
 OPENAPI_PATH = "/api-doc/openapi.json"
@@ -98,17 +98,17 @@ def add_docs_routes(app: web.Application) -> None:
     async def index(request: web.Request) -> web.Response:
         return _html(_INDEX % {"spec": OPENAPI_PATH})
 
-    app.router.add_get(OPENAPI_PATH, guarded(openapi_json), name="openapi")
-    app.router.add_get("/api-doc", guarded(index), name="api-doc")
+    add_route(app, "GET", OPENAPI_PATH, openapi_json, name="openapi")
+    add_route(app, "GET", "/api-doc", index, name="api-doc")
     for viewer in _VIEWERS:
         folder = viewer_dir(viewer)
         if folder is not None and viewer == "redoc" and (folder / _REDOC_BUNDLE).is_file():
-            bundle = guarded(_redoc_bundle(folder))
-            app.router.add_get(f"{ASSETS_PREFIX}redoc/{_REDOC_BUNDLE}", bundle, name="redoc-bundle")
+            bundle = f"{ASSETS_PREFIX}redoc/{_REDOC_BUNDLE}"
+            add_route(app, "GET", bundle, _redoc_bundle(folder), name="redoc-bundle")
         if folder is not None:
             files = f"{ASSETS_PREFIX}{viewer}/{{tail:.+}}"
-            app.router.add_get(files, guarded(_files(folder)), name=f"assets-{viewer}")
-        app.router.add_get(f"/api-doc/{viewer}", guarded(_viewer_page(viewer, folder)), name=viewer)
+            add_route(app, "GET", files, _files(folder), name=f"assets-{viewer}")
+        add_route(app, "GET", f"/api-doc/{viewer}", _viewer_page(viewer, folder), name=viewer)
 
 
 def _redoc_bundle(folder: Path) -> Handler:
@@ -140,7 +140,7 @@ def _viewer_page(viewer: str, folder: Path | None) -> Handler:
 
 def add_web_ui(app: web.Application, web_dir: Path = WEB_DIR) -> None:
     """Serve the web UI folder at ``/``; registered last so API routes always win."""
-    app.router.add_get("/{tail:.*}", guarded(_files(web_dir)), name="web-ui")
+    add_route(app, "GET", "/{tail:.*}", _files(web_dir), name="web-ui")
 
 
 def _files(folder: Path) -> Handler:

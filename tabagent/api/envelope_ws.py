@@ -21,7 +21,7 @@ from typing import Any
 from aiohttp import WSCloseCode, WSMsgType, web
 
 from tabagent.api.keys import STATE
-from tabagent.api.middleware import guarded, mark_public
+from tabagent.api.middleware import add_route, mark_public
 from tabagent.errors import BadRequest, InvalidJSON, Unauthorized
 from tabagent.ops.envelope import EnvelopeSession, error_message
 
@@ -81,4 +81,4 @@ def add_envelope_route(app: web.Application, token: str, max_message: int) -> No
             await session.close()
         return ws
 
-    app.router.add_get(ENVELOPE_PATH, guarded(mark_public(handle)), name="envelope")
+    add_route(app, "GET", ENVELOPE_PATH, mark_public(handle), name="envelope")

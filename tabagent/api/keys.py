@@ -10,5 +10,4 @@ from tabagent.state import AppState
 
 STATE = web.AppKey("state", AppState)
 OPENAPI = web.AppKey("openapi", dict[str, Any])
-REQUEST_ID = web.RequestKey("request_id", str)
 CORS_ORIGIN = web.RequestKey("cors_origin", str)

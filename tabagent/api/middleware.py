@@ -1,4 +1,6 @@
-"""HTTP middleware: request ids, the single error→JSON mapping, metrics, and local-server security.
+"""The gate every HTTP route passes: request ids, the single error→JSON mapping, metrics, and
+local-server security. Each route's handler is wrapped when the route is added (``add_route``),
+and ``close_gate`` refuses an application with a route added any other way.
 
 A local server is reachable by every web page the user opens, so before any handler runs:
 
@@ -26,7 +28,7 @@ import time
 from aiohttp import web
 from aiohttp.typedefs import Handler
 
-from tabagent.api.keys import CORS_ORIGIN, REQUEST_ID, STATE
+from tabagent.api.keys import CORS_ORIGIN, STATE
 from tabagent.errors import (
     Forbidden,
     MethodNotAllowed,
@@ -42,6 +44,7 @@ log = logging.getLogger(__name__)
 
 REQUEST_ID_HEADER = "X-Request-Id"
 _REQUEST_ID_RE = re.compile(r"[A-Za-z0-9._:\-]{1,128}")
+_PATH_VARIABLE = re.compile(r"\{(\w+):[^}]*\}")
 _LOOPBACK_HOSTS = frozenset({"localhost", "127.0.0.1", "::1"})
 _WILDCARD_BINDS = frozenset({"0.0.0.0", "::", ""})
 _CORS_ALLOW_HEADERS = "Authorization, Content-Type, X-Request-Id, X-Conversation-Id"
@@ -129,7 +132,10 @@ class SecurityPolicy:
         return self._api_key is not None
 
 
-def _preflight(request: web.Request, origin: str) -> web.Response:
+def _preflight(request: web.Request, origin: str) -> web.Response | None:
+    """The answer to a CORS preflight from an allowed origin; None for a plain OPTIONS."""
+    if "Access-Control-Request-Method" not in request.headers:
+        return None
     requested = request.headers.get("Access-Control-Request-Headers")
     return web.Response(
         status=204,
@@ -144,10 +150,8 @@ def _preflight(request: web.Request, origin: str) -> web.Response:
     )
 
 
-def _check_access(
-    policy: SecurityPolicy, request: web.Request, public: bool
-) -> web.Response | None:
-    """Host, Origin and API key checks; a CORS preflight answer, or None to go on."""
+def _check_access(policy: SecurityPolicy, request: web.Request, public: bool) -> str | None:
+    """Host, Origin and API key checks; the request's Origin when CORS should answer it."""
     host_header = request.headers.get("Host", "")
     if host_header not in policy.seen_hosts:  # parse each distinct Host header once
         host = _host_name(host_header)
@@ -162,22 +166,22 @@ def _check_access(
     origin = request.headers.get("Origin")
     if origin is not None:
         if policy.origin_allowed(origin):
-            request[CORS_ORIGIN] = origin
-            if request.method == "OPTIONS" and "Access-Control-Request-Method" in request.headers:
-                return _preflight(request, origin)
+            request[CORS_ORIGIN] = origin  # for streams, which send their headers themselves
         elif origin not in (f"http://{host_header}", f"https://{host_header}"):
             raise Forbidden(
                 f"Origin {origin!r} is not allowed; add it with --allowed-origins "
                 "or --extension-ids",
                 code="origin_not_allowed",
             )
+        else:
+            origin = None  # this server's own page: same origin, no CORS
     key_needed = policy.requires_key and not public
     if key_needed and not policy.key_ok(request.headers.get("Authorization")):
         raise Unauthorized(
             "missing or wrong API key: send 'Authorization: Bearer <key>'",
             headers={"WWW-Authenticate": "Bearer"},
         )
-    return None
+    return origin
 
 
 class Gate:
@@ -186,38 +190,43 @@ class Gate:
     def __init__(self, policy: SecurityPolicy, metrics: Metrics) -> None:
         self.policy = policy
         self.observe = metrics.observe_http
-        self._next_id = itertools.count(1)
-        self._prefix = secrets.token_hex(4)  # distinct ids across restarts; a counter within one
-
-    def request_id(self, incoming: str | None) -> str:
-        if incoming and _REQUEST_ID_RE.fullmatch(incoming):
-            return incoming
-        return f"{self._prefix}{next(self._next_id):08x}"
+        self.next_id = itertools.count(1)
+        self.id_prefix = secrets.token_hex(4)  # distinct ids across restarts; a counter within
 
 
 GATE = web.AppKey("gate", Gate)
 
 
-def guarded(handler: Handler, *, route: str | None = None) -> Handler:
+def guarded(handler: Handler, gate: Gate, route: str) -> Handler:
     """``handler`` behind the gate: request id, access checks, every error as JSON, the common
-    headers, metrics. Every route's handler is wrapped this way when it is added.
+    headers, metrics labelled ``route``. Every route's handler is wrapped this way when added.
 
     A wrapper per handler rather than an aiohttp middleware: middlewares add two layers to
     every request (aiohttp puts its own ``_fix_request_current_app`` beside ours), which cost
-    about as much as everything the gate itself does. ``route`` names the metrics label when
-    the route's path template is not a useful one (the catch-all).
+    about as much as everything the gate itself does. On this path every Python-level call
+    shows in the benchmark, so what can be settled when the route is added is settled here.
     """
+    policy = gate.policy
     public = getattr(handler, "tabagent_public", False)
+    needs_key = policy.requires_key and not public
+    seen_hosts = policy.seen_hosts
+    observe = gate.observe
 
     async def guard(request: web.Request) -> web.StreamResponse:
         start = time.perf_counter()
-        gate = request.app[GATE]
-        request_id = gate.request_id(request.headers.get(REQUEST_ID_HEADER))
-        request[REQUEST_ID] = request_id
-        token = request_id_var.set(request_id)
+        headers = request.headers
+        request_id = headers.get(REQUEST_ID_HEADER)
+        if request_id is None or not _REQUEST_ID_RE.fullmatch(request_id):
+            request_id = f"{gate.id_prefix}{next(gate.next_id):08x}"
+        token = request_id_var.set(request_id)  # log lines, handlers and streams read it here
+        origin = None
         try:
             try:
-                preflight = _check_access(gate.policy, request, public)
+                if needs_key or "Origin" in headers or headers.get("Host") not in seen_hosts:
+                    origin = _check_access(policy, request, public)
+                preflight = None
+                if origin is not None and request.method == "OPTIONS":
+                    preflight = _preflight(request, origin)
                 response = preflight if preflight is not None else await handler(request)
             except TabAgentError as exc:
                 response = error_response(exc)
@@ -231,10 +240,13 @@ def guarded(handler: Handler, *, route: str | None = None) -> Handler:
                     TabAgentError(f"internal server error (request id {request_id})")
                 )
             if not response.prepared:  # streams set these before they start
-                response.headers.update(common_headers(request))
+                answer = response.headers
+                answer[REQUEST_ID_HEADER] = request_id
+                answer["X-Content-Type-Options"] = "nosniff"
+                if origin is not None:
+                    answer.update(cors_headers(origin))
             elapsed = time.perf_counter() - start
-            label = route or request.match_info.route.resource.canonical  # type: ignore[union-attr]
-            gate.observe(label, request.method, response.status, elapsed)
+            observe(route, request.method, response.status, elapsed)
             if log.isEnabledFor(logging.DEBUG):
                 log.debug(
                     "%s %s -> %d in %.1f ms",
@@ -248,6 +260,19 @@ def guarded(handler: Handler, *, route: str | None = None) -> Handler:
     guard.__doc__ = handler.__doc__
     guard.tabagent_guarded = True  # type: ignore[attr-defined]
     return guard
+
+
+def add_route(
+    app: web.Application, method: str, path: str, handler: Handler, *, name: str | None = None
+) -> None:
+    """Add ``handler`` at ``path`` behind the gate; a GET route answers HEAD too. Every route
+    is added this way (``install_gate`` refuses an application with a route that is not)."""
+    route = _PATH_VARIABLE.sub(r"{\1}", path)  # metrics label: "/{tail:.*}" -> "/{tail}"
+    guard = guarded(handler, app[GATE], route)
+    if method == "GET":
+        app.router.add_get(path, guard, name=name)
+    else:
+        app.router.add_route(method, path, guard, name=name)
 
 
 async def _unmatched(request: web.Request) -> web.StreamResponse:
@@ -266,22 +291,28 @@ async def _unmatched(request: web.Request) -> web.StreamResponse:
     raise NotFound(f"no route for {request.method} {request.path}")
 
 
-def install_gate(app: web.Application, gate: Gate) -> None:
+def close_gate(app: web.Application) -> None:
     """Last step of building ``app``: answer every unmatched request as JSON, and check that
     every route is guarded (an unguarded route would skip the Host and API-key checks)."""
-    app[GATE] = gate
-    app.router.add_route("*", "/{path:.*}", guarded(_unmatched, route="unmatched"))
+    app.router.add_route("*", "/{path:.*}", guarded(_unmatched, app[GATE], "unmatched"))
     for r in app.router.routes():
         if not getattr(r.handler, "tabagent_guarded", False):
             raise RuntimeError(f"route {r.method} {r.resource} is not wrapped with guarded()")
 
 
+def cors_headers(origin: str) -> dict[str, str]:
+    return {
+        "Access-Control-Allow-Origin": origin,
+        "Access-Control-Expose-Headers": _CORS_EXPOSE_HEADERS,
+        "Vary": "Origin",
+    }
+
+
 def common_headers(request: web.Request) -> dict[str, str]:
-    """Headers every response carries: its request id, and CORS for an allowed origin."""
-    headers = {REQUEST_ID_HEADER: request[REQUEST_ID], "X-Content-Type-Options": "nosniff"}
+    """Headers every response carries: its request id, and CORS for an allowed origin (the
+    gate adds them to every response; streams, which send headers first, ask for them)."""
+    headers = {REQUEST_ID_HEADER: request_id_var.get(), "X-Content-Type-Options": "nosniff"}
     origin = request.get(CORS_ORIGIN)
     if origin is not None:
-        headers["Access-Control-Allow-Origin"] = origin
-        headers["Access-Control-Expose-Headers"] = _CORS_EXPOSE_HEADERS
-        headers["Vary"] = "Origin"
+        headers.update(cors_headers(origin))
     return headers

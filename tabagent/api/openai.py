@@ -19,10 +19,11 @@ from typing import Any
 from aiohttp import BodyPartReader, web
 from pydantic import BaseModel
 
-from tabagent.api.keys import REQUEST_ID, STATE
-from tabagent.api.middleware import guarded
+from tabagent.api.keys import STATE
+from tabagent.api.middleware import add_route
 from tabagent.api.routes import read_json_object, sse_headers, started
 from tabagent.errors import BadRequest, PayloadTooLarge, TabAgentError
+from tabagent.logs import request_id_var
 from tabagent.ops.chat import Delta, Finished, SamplingFields
 from tabagent.ops.registry import OpContext, Operation, Registry
 from tabagent.ops.vision import MAX_IMAGE_BYTES, detect
@@ -33,7 +34,7 @@ CONVERSATION_HEADER = "X-Conversation-Id"  # same as the conversation_id extensi
 
 
 def _context(request: web.Request) -> OpContext:
-    return OpContext(state=request.app[STATE], request_id=request[REQUEST_ID], transport="http")
+    return OpContext(state=request.app[STATE], request_id=request_id_var.get(), transport="http")
 
 
 class _Shape:
@@ -217,4 +218,4 @@ def mount_custom(app: web.Application, registry: Registry, max_body: int) -> Non
     for op in registry:
         if op.http is not None and op.http.adapter == "custom":
             route = builders[op.name](op)
-            app.router.add_route(op.http.method, op.http.path, guarded(route), name=op.name)
+            add_route(app, op.http.method, op.http.path, route, name=op.name)

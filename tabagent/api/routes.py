@@ -17,10 +17,12 @@ from aiohttp import web
 from aiohttp.typedefs import Handler
 from pydantic import BaseModel
 
-from tabagent.api.keys import REQUEST_ID, STATE
-from tabagent.api.middleware import common_headers, guarded, mark_public
+from tabagent.api.keys import STATE
+from tabagent.api.middleware import add_route, common_headers, mark_public
 from tabagent.errors import BadRequest, InvalidJSON, PayloadTooLarge, TabAgentError
+from tabagent.logs import request_id_var
 from tabagent.ops.registry import Done, OpContext, Operation, Registry, event_name
+from tabagent.state import AppState
 
 log = logging.getLogger(__name__)
 
@@ -70,13 +72,14 @@ def sse_block(event: str, payload: str) -> bytes:
     return f"event: {event}\ndata: {payload}\n\n".encode()
 
 
-def _handler(op: Operation, max_body: int) -> Handler:
+def _handler(op: Operation, state: AppState, max_body: int) -> Handler:
     assert op.http is not None
     status = op.http.status
     takes_body = op.http.method in _BODY_METHODS
     # operations without parameters (health, say) skip validation unless a client sends some
     no_params = not op.request_model.model_fields and "{" not in op.http.path
     empty = op.request_model() if no_params else None
+    unary = op.handler  # what op.call runs, without its check that the op is unary (done here)
 
     async def handle(request: web.Request) -> web.StreamResponse:
         if empty is not None and not takes_body and not request.query:
@@ -89,9 +92,9 @@ def _handler(op: Operation, max_body: int) -> Handler:
             if request.match_info:
                 params = _merge(params, request.match_info)
             parsed = op.parse(params)
-        ctx = OpContext(state=request.app[STATE], request_id=request[REQUEST_ID], transport="http")
+        ctx = OpContext(state=state, request_id=request_id_var.get(), transport="http")
         if not op.streaming:
-            result = await op.call(ctx, parsed)
+            result = await unary(ctx, parsed)
             return web.Response(
                 body=result.__pydantic_serializer__.to_json(result), status=status, headers=_JSON
             )
@@ -164,5 +167,5 @@ def mount_operations(
 ) -> None:
     for op in registry:
         if op.http is not None and op.http.adapter == "default" and served(op):
-            handler = guarded(_handler(op, max_body))
-            app.router.add_route(op.http.method, op.http.path, handler, name=op.name)
+            handler = _handler(op, app[STATE], max_body)
+            add_route(app, op.http.method, op.http.path, handler, name=op.name)
