@@ -90,7 +90,7 @@ def _handler(op: Operation, state: AppState, max_body: int) -> Handler:
     unary = op.handler  # what op.call runs, without its check that the op is unary (done here)
 
     async def handle(request: web.Request) -> web.StreamResponse:
-        if empty is not None and not takes_body and not request.query:
+        if empty is not None and not takes_body and not request.query_string:
             parsed = empty
         elif takes_body:
             raw = await read_body(request, max_body)
