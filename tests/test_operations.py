@@ -98,6 +98,16 @@ async def test_wrong_method_is_json_405_with_allow(
     assert (await response.json())["error"]["code"] == "method_not_allowed"
 
 
+async def test_get_routes_answer_head_with_headers_only(
+    client: TestClient[web.Request, web.Application],
+) -> None:
+    response = await client.head("/v1/health", headers={"X-Request-Id": "probe-1"})
+    assert response.status == 200
+    assert response.headers["X-Request-Id"] == "probe-1"
+    assert response.headers["Content-Type"] == "application/json"
+    assert await response.read() == b""
+
+
 @pytest.mark.parametrize(
     ("body", "code"),
     [

@@ -266,7 +266,7 @@ def add_route(
     app: web.Application, method: str, path: str, handler: Handler, *, name: str | None = None
 ) -> None:
     """Add ``handler`` at ``path`` behind the gate; a GET route answers HEAD too. Every route
-    is added this way (``install_gate`` refuses an application with a route that is not)."""
+    is added this way (``close_gate`` refuses an application with a route that is not)."""
     route = _PATH_VARIABLE.sub(r"{\1}", path)  # metrics label: "/{tail:.*}" -> "/{tail}"
     guard = guarded(handler, app[GATE], route)
     if method == "GET":
