@@ -39,13 +39,19 @@ class Sample:
     ttft_ms: float
     tokens: int
     tokens_per_s: float
+    events: int  # pieces of text received (a stream may carry several tokens in one)
 
 
-def _sample(start: float, stamps: list[float]) -> Sample:
-    if len(stamps) < 2:
+def _sample(start: float, stamps: list[float], tokens: int | None = None) -> Sample:
+    """``stamps``: when each piece of text arrived; ``tokens``: how many tokens they held in all,
+    when the stream says (a server may send several tokens in one event), else one per stamp.
+    The first piece is one token (sent as soon as it exists), so the decode rate is the other
+    tokens over the time from the first piece to the last."""
+    tokens = tokens or len(stamps)
+    if len(stamps) < 2 or tokens < 2:
         raise RuntimeError("fewer than two tokens generated")
     decode = stamps[-1] - stamps[0]
-    return Sample((stamps[0] - start) * 1000, len(stamps), (len(stamps) - 1) / decode)
+    return Sample((stamps[0] - start) * 1000, tokens, (tokens - 1) / decode, len(stamps))
 
 
 def direct_runner(tokens: int, threads: int) -> Callable[[], Sample]:
@@ -65,8 +71,8 @@ def direct_runner(tokens: int, threads: int) -> Callable[[], Sample]:
 
 
 def http_runner(port: int, tokens: int, model: str) -> Callable[[], Sample]:
-    body = json.dumps({"model": model, "prompt": PROMPT, "max_tokens": tokens,
-                       "temperature": 0, "stream": True})  # fmt: skip
+    body = json.dumps({"model": model, "prompt": PROMPT, "max_tokens": tokens, "temperature": 0,
+                       "stream": True, "stream_options": {"include_usage": True}})  # fmt: skip
     headers = {"Content-Type": "application/json"}
 
     def run() -> Sample:
@@ -77,14 +83,18 @@ def http_runner(port: int, tokens: int, model: str) -> Callable[[], Sample]:
         response = conn.getresponse()
         if response.status != 200:
             raise RuntimeError(f"{port}: HTTP {response.status} {response.read()[:200]!r}")
+        produced = None
         for raw in response:
             line = raw.strip()
             if not line.startswith(b"data: ") or line == b"data: [DONE]":
                 continue
-            if json.loads(line[6:])["choices"][0].get("text"):
+            event = json.loads(line[6:])
+            if event["choices"] and event["choices"][0].get("text"):
                 stamps.append(time.perf_counter())
+            if event.get("usage"):
+                produced = event["usage"]["completion_tokens"]
         conn.close()
-        return _sample(start, stamps)
+        return _sample(start, stamps, produced)
 
     return run
 
@@ -171,9 +181,24 @@ def report(samples: dict[str, list[Sample]], tokens: int, threads: int) -> None:
     }  # fmt: skip
     direct_ttft, direct_rate = rows["llama-cpp-python in-process"]
     print(f"\nStreaming generation, SmolLM2-135M Q4_1, {tokens} tokens, {threads} threads, greedy")
-    print(f"{'peer':32} {'TTFT ms':>9} {'tokens/s':>9} {'vs direct':>10}")
+    columns = f"{'TTFT ms':>9} {'tokens/s':>9} {'vs direct':>10} {'runs tok/s':>11}"
+    columns += f" {'tokens':>7} {'events':>7}"
+    print(f"{'peer':32} {columns}")
     for name, (ttft, rate) in rows.items():
-        print(f"{name:32} {ttft:9.1f} {rate:9.1f} {rate / direct_rate:9.1%}")
+        counted = statistics.median(s.tokens for s in samples[name])
+        events = statistics.median(s.events for s in samples[name])
+        rates = [s.tokens_per_s for s in samples[name]]
+        spread = f"{min(rates):.0f}-{max(rates):.0f}"
+        print(
+            f"{name:32} {ttft:9.1f} {rate:9.1f} {rate / direct_rate:9.1%} {spread:>11} "
+            f"{counted:7.0f} {events:7.0f}"
+        )
+    print(
+        "tokens: as the stream's usage counts them (one per event where it gives no usage);\n"
+        "events: pieces of text received. tokens/s = (tokens - 1) / (last event - first event),\n"
+        "median of the runs; runs tok/s: slowest-fastest run (llama_cpp.server is bimodal here:\n"
+        "some runs ~30, others ~77 tokens/s, with 34 vs 13 ms between its events)."
+    )
     ours_ttft, ours_rate = rows["TabAgent HTTP (SSE)"]
     _, theirs_rate = rows["llama_cpp.server HTTP (SSE)"]
     checks = [
