@@ -240,11 +240,7 @@ def guarded(handler: Handler, gate: Gate, route: str) -> Handler:
                     TabAgentError(f"internal server error (request id {request_id})")
                 )
             if not response.prepared:  # streams set these before they start
-                answer = response.headers
-                answer[REQUEST_ID_HEADER] = request_id
-                answer["X-Content-Type-Options"] = "nosniff"
-                if origin is not None:
-                    answer.update(cors_headers(origin))
+                response.headers.update(common_headers(request_id, origin))
             elapsed = time.perf_counter() - start
             observe(route, request.method, response.status, elapsed)
             if log.isEnabledFor(logging.DEBUG):
@@ -300,19 +296,12 @@ def close_gate(app: web.Application) -> None:
             raise RuntimeError(f"route {r.method} {r.resource} is not wrapped with guarded()")
 
 
-def cors_headers(origin: str) -> dict[str, str]:
-    return {
-        "Access-Control-Allow-Origin": origin,
-        "Access-Control-Expose-Headers": _CORS_EXPOSE_HEADERS,
-        "Vary": "Origin",
-    }
-
-
-def common_headers(request: web.Request) -> dict[str, str]:
+def common_headers(request_id: str, origin: str | None) -> dict[str, str]:
     """Headers every response carries: its request id, and CORS for an allowed origin (the
     gate adds them to every response; streams, which send headers first, ask for them)."""
-    headers = {REQUEST_ID_HEADER: request_id_var.get(), "X-Content-Type-Options": "nosniff"}
-    origin = request.get(CORS_ORIGIN)
+    headers = {REQUEST_ID_HEADER: request_id, "X-Content-Type-Options": "nosniff"}
     if origin is not None:
-        headers.update(cors_headers(origin))
+        headers["Access-Control-Allow-Origin"] = origin
+        headers["Access-Control-Expose-Headers"] = _CORS_EXPOSE_HEADERS
+        headers["Vary"] = "Origin"
     return headers

@@ -18,7 +18,7 @@ from aiohttp import web
 from aiohttp.typedefs import Handler
 from pydantic import BaseModel, ValidationError
 
-from tabagent.api.keys import STATE
+from tabagent.api.keys import CORS_ORIGIN, STATE
 from tabagent.api.middleware import add_route, common_headers, mark_public
 from tabagent.errors import BadRequest, InvalidJSON, PayloadTooLarge, TabAgentError
 from tabagent.logs import request_id_var
@@ -72,7 +72,7 @@ def sse_headers(request: web.Request) -> dict[str, str]:
         "Content-Type": "text/event-stream",
         "Cache-Control": "no-cache",
         "X-Accel-Buffering": "no",
-        **common_headers(request),
+        **common_headers(request_id_var.get(), request.get(CORS_ORIGIN)),
     }
 
 
