@@ -120,6 +120,22 @@ async def test_allowed_origin_preflight_is_answered(
     assert response.headers["Vary"] == "Origin"
 
 
+async def test_preflight_needs_no_api_key_but_the_request_does(make_client: ClientFactory) -> None:
+    """Browsers send preflights without credentials: they must pass, the real call must not."""
+    client = await make_client(extension_ids=(EXT_ID,), api_key="correct horse")
+    preflight = await client.options(
+        "/v1/system/log-level",
+        headers={"Origin": EXT_ORIGIN, "Access-Control-Request-Method": "POST"},
+    )
+    assert preflight.status == 204
+    assert preflight.headers["Access-Control-Allow-Origin"] == EXT_ORIGIN
+    refused = await client.post(
+        "/v1/system/log-level", json={"level": "INFO"}, headers={"Origin": EXT_ORIGIN}
+    )
+    assert refused.status == 401
+    assert refused.headers["Access-Control-Allow-Origin"] == EXT_ORIGIN  # the page can read why
+
+
 async def test_allowed_origin_request_gets_cors_headers(make_client: ClientFactory) -> None:
     client = await make_client(extension_ids=(EXT_ID,))
     response = await client.get("/v1/system", headers={"Origin": EXT_ORIGIN})

@@ -167,6 +167,8 @@ def _check_access(policy: SecurityPolicy, request: web.Request, public: bool) ->
     if origin is not None:
         if policy.origin_allowed(origin):
             request[CORS_ORIGIN] = origin  # for streams, which send their headers themselves
+            if request.method == "OPTIONS" and "Access-Control-Request-Method" in request.headers:
+                return origin  # a preflight carries no credentials: answered, never run
         elif origin not in (f"http://{host_header}", f"https://{host_header}"):
             raise Forbidden(
                 f"Origin {origin!r} is not allowed; add it with --allowed-origins "
@@ -230,6 +232,7 @@ def guarded(handler: Handler, gate: Gate, route: str) -> Handler:
                 response = preflight if preflight is not None else await handler(request)
             except TabAgentError as exc:
                 response = error_response(exc)
+                origin = request.get(CORS_ORIGIN)  # a refused key: the page may read why
             except web.HTTPException as exc:
                 if exc.status < 400:
                     raise
