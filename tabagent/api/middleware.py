@@ -132,10 +132,12 @@ class SecurityPolicy:
         return self._api_key is not None
 
 
-def _preflight(request: web.Request, origin: str) -> web.Response | None:
-    """The answer to a CORS preflight from an allowed origin; None for a plain OPTIONS."""
-    if "Access-Control-Request-Method" not in request.headers:
-        return None
+def _is_preflight(request: web.Request) -> bool:
+    return request.method == "OPTIONS" and "Access-Control-Request-Method" in request.headers
+
+
+def _preflight(request: web.Request, origin: str) -> web.Response:
+    """The answer to a CORS preflight from an allowed origin."""
     requested = request.headers.get("Access-Control-Request-Headers")
     return web.Response(
         status=204,
@@ -167,7 +169,7 @@ def _check_access(policy: SecurityPolicy, request: web.Request, public: bool) ->
     if origin is not None:
         if policy.origin_allowed(origin):
             request[CORS_ORIGIN] = origin  # for streams, which send their headers themselves
-            if request.method == "OPTIONS" and "Access-Control-Request-Method" in request.headers:
+            if _is_preflight(request):
                 return origin  # a preflight carries no credentials: answered, never run
         elif origin not in (f"http://{host_header}", f"https://{host_header}"):
             raise Forbidden(
@@ -226,10 +228,11 @@ def guarded(handler: Handler, gate: Gate, route: str) -> Handler:
             try:
                 if needs_key or "Origin" in headers or headers.get("Host") not in seen_hosts:
                     origin = _check_access(policy, request, public)
-                preflight = None
-                if origin is not None and request.method == "OPTIONS":
-                    preflight = _preflight(request, origin)
-                response = preflight if preflight is not None else await handler(request)
+                response: web.StreamResponse
+                if origin is not None and _is_preflight(request):
+                    response = _preflight(request, origin)
+                else:
+                    response = await handler(request)
             except TabAgentError as exc:
                 response = error_response(exc)
                 origin = request.get(CORS_ORIGIN)  # a refused key: the page may read why

@@ -6,12 +6,11 @@ import logging
 import platform
 import sys
 from importlib import metadata
-from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
 from tabagent import __version__
-from tabagent.components import ComponentStatus
+from tabagent.components import ComponentStatus, Overall
 from tabagent.config import LogLevel
 from tabagent.ops.registry import Empty, Http, OpContext, OperationGroup
 
@@ -21,7 +20,7 @@ _REPORTED_PACKAGES = ("aiohttp", "pydantic", "click", "prometheus-client", "plat
 
 
 class Health(BaseModel):
-    status: Literal["ok", "starting", "degraded"]
+    status: Overall
     version: str
     uptime_s: float = Field(description="Seconds since the server started.")
     components: dict[str, ComponentStatus]
