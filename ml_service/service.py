@@ -23,6 +23,7 @@ import numpy.typing as npt
 from ml_service.backends.llama import (
     CancelFlag,
     Chunk,
+    Coalescer,
     LlamaModel,
     PromptTooLong,
     SamplingParams,
@@ -231,9 +232,14 @@ class MLService(pb_grpc.MLInferenceServicer):
         queue: asyncio.Queue[object] = asyncio.Queue()
         cancel = CancelFlag()
 
-        def emit(chunk: Chunk) -> None:
+        def send(chunk: Chunk) -> None:
             loop.call_soon_threadsafe(queue.put_nowait, chunk)
 
+        emit = (
+            Coalescer(send, request.stream_interval_ms / 1000)
+            if request.stream_interval_ms
+            else send
+        )
         job = loop.run_in_executor(None, model.generate, prompt, params, cancel, emit)
         job.add_done_callback(lambda _: queue.put_nowait(_DONE))
         try:

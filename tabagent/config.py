@@ -175,6 +175,13 @@ class Settings(BaseModel):
         le=10_000,
         description="Layers offloaded to the GPU (-1: all, 0: none; unset: from free VRAM).",
     )
+    stream_interval_ms: int = Field(
+        40,
+        ge=0,
+        le=1000,
+        description="Streamed text comes in chunks at most this often: tokens produced faster "
+        "travel together, which leaves the CPU to the model (0: one chunk per token).",
+    )
     onnx_providers: tuple[str, ...] = Field(
         (),
         description="onnxruntime execution providers for embedding models, in order "

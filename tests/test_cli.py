@@ -73,6 +73,8 @@ def test_config_table_masks_the_api_key() -> None:
         ((), {"TABAGENT_MAX_BODY_BYTES": "12"}, "--max-body-bytes / TABAGENT_MAX_BODY_BYTES (env"),
         ((), {"TABAGENT_EXTENSION_IDS": "not-an-id"}, "is not a Chrome extension id"),
         ((), {"TABAGENT_MODE": "sideways"}, "--mode / TABAGENT_MODE"),
+        (("--stream-interval-ms", "1001"), {}, "--stream-interval-ms / TABAGENT_STREAM_INTERVAL"),
+        ((), {"TABAGENT_STREAM_INTERVAL_MS": "-1"}, "--stream-interval-ms / TABAGENT_STREAM_INT"),
     ],
 )
 def test_invalid_settings_are_refused_with_the_flag_and_variable_named(

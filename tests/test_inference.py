@@ -76,7 +76,8 @@ def test_chat_streams_deltas_with_usage(client: openai.OpenAI) -> None:
     chunks = list(stream)
     text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
     assert "Paris" in text
-    assert len([c for c in chunks if c.choices and c.choices[0].delta.content]) > 2
+    # the first text at once, then at most one delta per --stream-interval-ms
+    assert len([c for c in chunks if c.choices and c.choices[0].delta.content]) >= 2
     finishes = [c.choices[0].finish_reason for c in chunks if c.choices]
     assert finishes[-1] == "stop"
     assert chunks[-1].usage is not None
@@ -236,6 +237,31 @@ def test_worker_killed_mid_stream_errors_then_recovers(
         metrics = response.read().decode()
     assert "tabagent_ml_worker_restarts_total 1.0" in metrics
     assert "tabagent_ttft_seconds_count" in metrics
+
+
+def _streamed_texts(base_url: str) -> list[str]:
+    with openai.OpenAI(base_url=f"{base_url}/v1", api_key="unused", max_retries=0) as c:
+        stream = c.completions.create(
+            model="smollm2-135m-instruct",
+            prompt="Once upon a time",
+            temperature=0,
+            max_tokens=16,
+            stream=True,
+        )
+        return [
+            chunk.choices[0].text for chunk in stream if chunk.choices and chunk.choices[0].text
+        ]
+
+
+def test_stream_interval_setting_joins_tokens(server: RunningServer, tmp_path: Path) -> None:
+    default = _streamed_texts(server.base_url)  # every 40 ms at most
+    with running_server(
+        ("--mode", "http", "--stream-interval-ms", "1000"), log_dir=tmp_path
+    ) as joined_server:
+        joined = _streamed_texts(joined_server.base_url)
+    assert len(joined) == 2  # the first text at once, the rest when generation ends
+    assert len(default) > 2
+    assert "".join(joined) == "".join(default)
 
 
 def test_stopping_the_server_leaves_no_worker(tmp_path: Path) -> None:

@@ -7,6 +7,7 @@ import pytest
 from ml_service.backends.llama import (
     CancelFlag,
     Chunk,
+    Coalescer,
     LlamaModel,
     PromptTooLong,
     SamplingParams,
@@ -81,3 +82,42 @@ def test_max_tokens_and_cancellation(model: LlamaModel) -> None:
     model.generate("Once upon a time", SamplingParams(max_tokens=200), cancel, emit)
     assert seen[-1].finish_reason == "cancelled"
     assert len(seen) <= 4  # stopped within a token of the cancel
+
+
+class _Clock:
+    def __init__(self) -> None:
+        self.now = 100.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_fast_tokens_travel_together_slow_ones_alone() -> None:
+    clock, sent = _Clock(), []
+    emit = Coalescer(sent.append, 0.018, clock)
+    for i in range(10):  # a token every 5 ms: four per 18 ms interval
+        emit(Chunk(text=f"t{i} ", ttft_ms=3.0 if i == 0 else 0.0))
+        clock.now += 0.005
+    emit(Chunk(text="", finish_reason="length", prompt_tokens=4, completion_tokens=10))
+    assert sent[0] == Chunk(text="t0 ", ttft_ms=3.0)  # the first text is never held
+    assert [c.text for c in sent[1:]] == ["t1 t2 t3 t4 ", "t5 t6 t7 t8 ", "t9 "]
+    assert sent[-1].finish_reason == "length"  # held text leaves with the last chunk
+    assert (sent[-1].prompt_tokens, sent[-1].completion_tokens) == (4, 10)
+    assert "".join(c.text for c in sent) == "".join(f"t{i} " for i in range(10))
+
+    clock, slow = _Clock(), []
+    emit = Coalescer(slow.append, 0.018, clock)
+    for i in range(5):  # a token every 30 ms: slower than the interval, each one its own chunk
+        emit(Chunk(text=f"s{i}"))
+        clock.now += 0.030
+    emit(Chunk(text="", finish_reason="stop"))
+    assert [c.text for c in slow] == ["s0", "s1", "s2", "s3", "s4", ""]
+
+
+def test_an_empty_opening_chunk_does_not_hold_the_first_text() -> None:
+    clock, sent = _Clock(), []
+    emit = Coalescer(sent.append, 0.050, clock)
+    emit(Chunk(text=""))  # llama.cpp's first piece can be empty (a partial UTF-8 character)
+    clock.now += 0.001
+    emit(Chunk(text="Hello", ttft_ms=1.0))
+    assert [c.text for c in sent] == ["", "Hello"]

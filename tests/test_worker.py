@@ -176,6 +176,34 @@ async def test_cancelling_a_stream_frees_the_slot(worker: Worker) -> None:
     assert "[cancel-me] loaded smol" in log_text  # request ids travel as gRPC metadata
 
 
+async def test_stream_interval_joins_fast_tokens(worker: Worker) -> None:
+    md = worker.md()
+    await worker.stub.LoadModel(
+        pb.LoadModelRequest(model_id="smol", backend=pb.LLAMA_CPP, path=smollm2_path()), metadata=md
+    )
+
+    async def chunks(interval_ms: int) -> list[pb.GenerateChunk]:
+        request = pb.GenerateRequest(
+            model_id="smol",
+            prompt="Once upon a time",
+            sampling=pb.Sampling(max_tokens=24, temperature=0.0),
+            stream_interval_ms=interval_ms,
+        )
+        return [c async for c in worker.stub.Generate(request, metadata=md)]
+
+    per_token = await chunks(0)
+    together = await chunks(60_000)  # longer than the whole generation
+    texts = [c.text for c in together if c.text]
+    # the first text at once, all the rest with the last chunk; the same greedy text
+    assert len(texts) == 2
+    assert together[-1].text == texts[1]
+    assert len([c for c in per_token if c.text]) > 10
+    assert "".join(texts) == "".join(c.text for c in per_token)
+    assert together[-1].finish_reason == per_token[-1].finish_reason == "length"
+    assert together[-1].usage.completion_tokens == per_token[-1].usage.completion_tokens
+    assert next(c for c in together if c.text).ttft_ms > 0
+
+
 async def test_sigterm_drains_and_exits_zero(worker: Worker) -> None:
     worker.proc.send_signal(signal.SIGTERM)
     assert await asyncio.to_thread(worker.proc.wait, 20) == 0

@@ -17,7 +17,7 @@ import os
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import jinja2
@@ -62,6 +62,47 @@ class Chunk:
     prompt_tokens: int = 0
     completion_tokens: int = 0
     ttft_ms: float = 0.0
+
+
+class Coalescer:
+    """Holds back chunks that come faster than one per ``interval`` seconds and sends their text
+    joined with the next: at most one chunk per interval reaches ``send``.
+
+    Called on the generation thread in place of ``send``. A chunk is never held when it is the
+    first with text (the time to first token stays the model's), when it finishes the
+    generation, or when ``interval`` has passed since the last chunk sent, so a model slower
+    than the interval streams token by token as before and no timer is needed: held text always
+    leaves with the next chunk, and the last chunk always comes.
+    """
+
+    def __init__(
+        self,
+        send: Callable[[Chunk], None],
+        interval: float,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self._send = send
+        self._interval = interval
+        self._clock = clock
+        self._held: list[str] = []
+        self._last = -float("inf")
+        self._first = True
+
+    def __call__(self, chunk: Chunk) -> None:
+        now = self._clock()
+        urgent = chunk.finish_reason or (self._first and chunk.text)
+        if not urgent and now - self._last < self._interval:
+            if chunk.text:
+                self._held.append(chunk.text)
+            return
+        if chunk.text:
+            self._first = False
+        if self._held:
+            self._held.append(chunk.text)
+            chunk = replace(chunk, text="".join(self._held))
+            self._held.clear()
+        self._last = now
+        self._send(chunk)
 
 
 @dataclass

@@ -15,15 +15,15 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x12ml_inference.proto\x12\x0etabagent.ml.v1\"n\n\x0cLlamaOptions\x12\r\n\x05n_ctx\x18\x01 \x01(\r\x12\x11\n\tn_threads\x18\x02 \x01(\r\x12\x0f\n\x07n_batch\x18\x03 \x01(\r\x12\x14\n\x0cn_gpu_layers\x18\x04 \x01(\x05\x12\x15\n\rchat_template\x18\x05 \x01(\t\"1\n\x0bOnnxOptions\x12\x0f\n\x07threads\x18\x01 \x01(\r\x12\x11\n\tproviders\x18\x02 \x03(\t\"\xb4\x01\n\x10LoadModelRequest\x12\x10\n\x08model_id\x18\x01 \x01(\t\x12(\n\x07\x62\x61\x63kend\x18\x02 \x01(\x0e\x32\x17.tabagent.ml.v1.Backend\x12\x0c\n\x04path\x18\x03 \x01(\t\x12+\n\x05llama\x18\x04 \x01(\x0b\x32\x1c.tabagent.ml.v1.LlamaOptions\x12)\n\x04onnx\x18\x05 \x01(\x0b\x32\x1b.tabagent.ml.v1.OnnxOptions\"\x8e\x02\n\tModelInfo\x12\x10\n\x08model_id\x18\x01 \x01(\t\x12(\n\x07\x62\x61\x63kend\x18\x02 \x01(\x0e\x32\x17.tabagent.ml.v1.Backend\x12\x0c\n\x04path\x18\x03 \x01(\t\x12\x14\n\x0cload_seconds\x18\x04 \x01(\x01\x12\x14\n\x0cmemory_bytes\x18\x05 \x01(\x04\x12\x16\n\x0e\x63ontext_length\x18\x06 \x01(\r\x12\x1c\n\x14\x65mbedding_dimensions\x18\x07 \x01(\r\x12\x19\n\x11has_chat_template\x18\x08 \x01(\x08\x12\x11\n\tproviders\x18\t \x03(\t\x12\x11\n\tn_threads\x18\n \x01(\r\x12\x14\n\x0cn_gpu_layers\x18\x0b \x01(\x05\"&\n\x12UnloadModelRequest\x12\x10\n\x08model_id\x18\x01 \x01(\t\"\'\n\x13UnloadModelResponse\x12\x10\n\x08unloaded\x18\x01 \x01(\x08\"\x13\n\x11ListModelsRequest\"?\n\x12ListModelsResponse\x12)\n\x06models\x18\x01 \x03(\x0b\x32\x19.tabagent.ml.v1.ModelInfo\"\x0f\n\rStatusRequest\"\x84\x01\n\x0eStatusResponse\x12\x0b\n\x03pid\x18\x01 \x01(\x05\x12\x11\n\trss_bytes\x18\x02 \x01(\x04\x12\x16\n\x0euptime_seconds\x18\x03 \x01(\x01\x12)\n\x06models\x18\x04 \x03(\x0b\x32\x19.tabagent.ml.v1.ModelInfo\x12\x0f\n\x07version\x18\x05 \x01(\t\",\n\x0b\x43hatMessage\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\x0f\n\x07\x63ontent\x18\x02 \x01(\t\"\xfc\x01\n\x08Sampling\x12\x12\n\nmax_tokens\x18\x01 \x01(\r\x12\x18\n\x0btemperature\x18\x02 \x01(\x02H\x00\x88\x01\x01\x12\x12\n\x05top_p\x18\x03 \x01(\x02H\x01\x88\x01\x01\x12\x12\n\x05top_k\x18\x04 \x01(\rH\x02\x88\x01\x01\x12\x12\n\x05min_p\x18\x05 \x01(\x02H\x03\x88\x01\x01\x12\x1b\n\x0erepeat_penalty\x18\x06 \x01(\x02H\x04\x88\x01\x01\x12\x11\n\x04seed\x18\x07 \x01(\x03H\x05\x88\x01\x01\x12\x0c\n\x04stop\x18\x08 \x03(\tB\x0e\n\x0c_temperatureB\x08\n\x06_top_pB\x08\n\x06_top_kB\x08\n\x06_min_pB\x11\n\x0f_repeat_penaltyB\x07\n\x05_seed\"\x9a\x01\n\x0fGenerateRequest\x12\x10\n\x08model_id\x18\x01 \x01(\t\x12\x10\n\x06prompt\x18\x02 \x01(\tH\x00\x12.\n\x04\x63hat\x18\x03 \x01(\x0b\x32\x1e.tabagent.ml.v1.ChatTranscriptH\x00\x12*\n\x08sampling\x18\x04 \x01(\x0b\x32\x18.tabagent.ml.v1.SamplingB\x07\n\x05input\"?\n\x0e\x43hatTranscript\x12-\n\x08messages\x18\x01 \x03(\x0b\x32\x1b.tabagent.ml.v1.ChatMessage\"9\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\r\x12\x19\n\x11\x63ompletion_tokens\x18\x02 \x01(\r\"k\n\rGenerateChunk\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\x15\n\rfinish_reason\x18\x02 \x01(\t\x12$\n\x05usage\x18\x03 \x01(\x0b\x32\x15.tabagent.ml.v1.Usage\x12\x0f\n\x07ttft_ms\x18\x04 \x01(\x01\"F\n\x0fTokenizeRequest\x12\x10\n\x08model_id\x18\x01 \x01(\t\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\x13\n\x0b\x61\x64\x64_special\x18\x03 \x01(\x08\"\"\n\x10TokenizeResponse\x12\x0e\n\x06tokens\x18\x01 \x03(\x05\"5\n\x11\x44\x65tokenizeRequest\x12\x10\n\x08model_id\x18\x01 \x01(\t\x12\x0e\n\x06tokens\x18\x02 \x03(\x05\"\"\n\x12\x44\x65tokenizeResponse\x12\x0c\n\x04text\x18\x01 \x01(\t\"0\n\x0c\x45mbedRequest\x12\x10\n\x08model_id\x18\x01 \x01(\t\x12\x0e\n\x06inputs\x18\x02 \x03(\t\"K\n\rEmbedResponse\x12\x12\n\ndimensions\x18\x01 \x01(\r\x12\x0f\n\x07vectors\x18\x02 \x01(\x0c\x12\x15\n\rprompt_tokens\x18\x03 \x01(\r\".\n\x08Keypoint\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\t\n\x01x\x18\x02 \x01(\x02\x12\t\n\x01y\x18\x03 \x01(\x02\"w\n\x04\x46\x61\x63\x65\x12\t\n\x01x\x18\x01 \x01(\x02\x12\t\n\x01y\x18\x02 \x01(\x02\x12\r\n\x05width\x18\x03 \x01(\x02\x12\x0e\n\x06height\x18\x04 \x01(\x02\x12\r\n\x05score\x18\x05 \x01(\x02\x12+\n\tkeypoints\x18\x06 \x03(\x0b\x32\x18.tabagent.ml.v1.Keypoint\"6\n\x08RawImage\x12\r\n\x05width\x18\x01 \x01(\r\x12\x0e\n\x06height\x18\x02 \x01(\r\x12\x0b\n\x03rgb\x18\x03 \x01(\x0c\"\x9b\x01\n\x12\x44\x65tectFacesRequest\x12\x10\n\x08model_id\x18\x01 \x01(\t\x12\x11\n\x07\x65ncoded\x18\x02 \x01(\x0cH\x00\x12\'\n\x03raw\x18\x03 \x01(\x0b\x32\x18.tabagent.ml.v1.RawImageH\x00\x12\x1b\n\x0emin_confidence\x18\x04 \x01(\x02H\x01\x88\x01\x01\x42\x07\n\x05imageB\x11\n\x0f_min_confidence\"o\n\x13\x44\x65tectFacesResponse\x12#\n\x05\x66\x61\x63\x65s\x18\x01 \x03(\x0b\x32\x14.tabagent.ml.v1.Face\x12\r\n\x05width\x18\x02 \x01(\r\x12\x0e\n\x06height\x18\x03 \x01(\r\x12\x14\n\x0cinference_ms\x18\x04 \x01(\x01\"\x8d\x01\n\nVideoFrame\x12\x14\n\x0ctimestamp_us\x18\x01 \x01(\x03\x12\'\n\x05\x66rame\x18\x02 \x01(\x0b\x32\x18.tabagent.ml.v1.RawImage\x12\x1b\n\x0emin_confidence\x18\x03 \x01(\x02H\x00\x88\x01\x01\x12\x10\n\x08model_id\x18\x04 \x01(\tB\x11\n\x0f_min_confidence\"b\n\x0f\x46rameDetections\x12\x14\n\x0ctimestamp_us\x18\x01 \x01(\x03\x12#\n\x05\x66\x61\x63\x65s\x18\x02 \x03(\x0b\x32\x14.tabagent.ml.v1.Face\x12\x14\n\x0cinference_ms\x18\x03 \x01(\x01*Z\n\x07\x42\x61\x63kend\x12\x17\n\x13\x42\x41\x43KEND_UNSPECIFIED\x10\x00\x12\r\n\tLLAMA_CPP\x10\x01\x12\x12\n\x0eONNX_EMBEDDING\x10\x02\x12\x13\n\x0fMEDIAPIPE_FACES\x10\x03\x32\xb6\x06\n\x0bMLInference\x12H\n\tLoadModel\x12 .tabagent.ml.v1.LoadModelRequest\x1a\x19.tabagent.ml.v1.ModelInfo\x12V\n\x0bUnloadModel\x12\".tabagent.ml.v1.UnloadModelRequest\x1a#.tabagent.ml.v1.UnloadModelResponse\x12S\n\nListModels\x12!.tabagent.ml.v1.ListModelsRequest\x1a\".tabagent.ml.v1.ListModelsResponse\x12J\n\tGetStatus\x12\x1d.tabagent.ml.v1.StatusRequest\x1a\x1e.tabagent.ml.v1.StatusResponse\x12L\n\x08Generate\x12\x1f.tabagent.ml.v1.GenerateRequest\x1a\x1d.tabagent.ml.v1.GenerateChunk0\x01\x12M\n\x08Tokenize\x12\x1f.tabagent.ml.v1.TokenizeRequest\x1a .tabagent.ml.v1.TokenizeResponse\x12S\n\nDetokenize\x12!.tabagent.ml.v1.DetokenizeRequest\x1a\".tabagent.ml.v1.DetokenizeResponse\x12\x44\n\x05\x45mbed\x12\x1c.tabagent.ml.v1.EmbedRequest\x1a\x1d.tabagent.ml.v1.EmbedResponse\x12V\n\x0b\x44\x65tectFaces\x12\".tabagent.ml.v1.DetectFacesRequest\x1a#.tabagent.ml.v1.DetectFacesResponse\x12T\n\x11\x44\x65tectFacesStream\x12\x1a.tabagent.ml.v1.VideoFrame\x1a\x1f.tabagent.ml.v1.FrameDetections(\x01\x30\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x12ml_inference.proto\x12\x0etabagent.ml.v1\"n\n\x0cLlamaOptions\x12\r\n\x05n_ctx\x18\x01 \x01(\r\x12\x11\n\tn_threads\x18\x02 \x01(\r\x12\x0f\n\x07n_batch\x18\x03 \x01(\r\x12\x14\n\x0cn_gpu_layers\x18\x04 \x01(\x05\x12\x15\n\rchat_template\x18\x05 \x01(\t\"1\n\x0bOnnxOptions\x12\x0f\n\x07threads\x18\x01 \x01(\r\x12\x11\n\tproviders\x18\x02 \x03(\t\"\xb4\x01\n\x10LoadModelRequest\x12\x10\n\x08model_id\x18\x01 \x01(\t\x12(\n\x07\x62\x61\x63kend\x18\x02 \x01(\x0e\x32\x17.tabagent.ml.v1.Backend\x12\x0c\n\x04path\x18\x03 \x01(\t\x12+\n\x05llama\x18\x04 \x01(\x0b\x32\x1c.tabagent.ml.v1.LlamaOptions\x12)\n\x04onnx\x18\x05 \x01(\x0b\x32\x1b.tabagent.ml.v1.OnnxOptions\"\x8e\x02\n\tModelInfo\x12\x10\n\x08model_id\x18\x01 \x01(\t\x12(\n\x07\x62\x61\x63kend\x18\x02 \x01(\x0e\x32\x17.tabagent.ml.v1.Backend\x12\x0c\n\x04path\x18\x03 \x01(\t\x12\x14\n\x0cload_seconds\x18\x04 \x01(\x01\x12\x14\n\x0cmemory_bytes\x18\x05 \x01(\x04\x12\x16\n\x0e\x63ontext_length\x18\x06 \x01(\r\x12\x1c\n\x14\x65mbedding_dimensions\x18\x07 \x01(\r\x12\x19\n\x11has_chat_template\x18\x08 \x01(\x08\x12\x11\n\tproviders\x18\t \x03(\t\x12\x11\n\tn_threads\x18\n \x01(\r\x12\x14\n\x0cn_gpu_layers\x18\x0b \x01(\x05\"&\n\x12UnloadModelRequest\x12\x10\n\x08model_id\x18\x01 \x01(\t\"\'\n\x13UnloadModelResponse\x12\x10\n\x08unloaded\x18\x01 \x01(\x08\"\x13\n\x11ListModelsRequest\"?\n\x12ListModelsResponse\x12)\n\x06models\x18\x01 \x03(\x0b\x32\x19.tabagent.ml.v1.ModelInfo\"\x0f\n\rStatusRequest\"\x84\x01\n\x0eStatusResponse\x12\x0b\n\x03pid\x18\x01 \x01(\x05\x12\x11\n\trss_bytes\x18\x02 \x01(\x04\x12\x16\n\x0euptime_seconds\x18\x03 \x01(\x01\x12)\n\x06models\x18\x04 \x03(\x0b\x32\x19.tabagent.ml.v1.ModelInfo\x12\x0f\n\x07version\x18\x05 \x01(\t\",\n\x0b\x43hatMessage\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\x0f\n\x07\x63ontent\x18\x02 \x01(\t\"\xfc\x01\n\x08Sampling\x12\x12\n\nmax_tokens\x18\x01 \x01(\r\x12\x18\n\x0btemperature\x18\x02 \x01(\x02H\x00\x88\x01\x01\x12\x12\n\x05top_p\x18\x03 \x01(\x02H\x01\x88\x01\x01\x12\x12\n\x05top_k\x18\x04 \x01(\rH\x02\x88\x01\x01\x12\x12\n\x05min_p\x18\x05 \x01(\x02H\x03\x88\x01\x01\x12\x1b\n\x0erepeat_penalty\x18\x06 \x01(\x02H\x04\x88\x01\x01\x12\x11\n\x04seed\x18\x07 \x01(\x03H\x05\x88\x01\x01\x12\x0c\n\x04stop\x18\x08 \x03(\tB\x0e\n\x0c_temperatureB\x08\n\x06_top_pB\x08\n\x06_top_kB\x08\n\x06_min_pB\x11\n\x0f_repeat_penaltyB\x07\n\x05_seed\"\xb6\x01\n\x0fGenerateRequest\x12\x10\n\x08model_id\x18\x01 \x01(\t\x12\x10\n\x06prompt\x18\x02 \x01(\tH\x00\x12.\n\x04\x63hat\x18\x03 \x01(\x0b\x32\x1e.tabagent.ml.v1.ChatTranscriptH\x00\x12*\n\x08sampling\x18\x04 \x01(\x0b\x32\x18.tabagent.ml.v1.Sampling\x12\x1a\n\x12stream_interval_ms\x18\x05 \x01(\rB\x07\n\x05input\"?\n\x0e\x43hatTranscript\x12-\n\x08messages\x18\x01 \x03(\x0b\x32\x1b.tabagent.ml.v1.ChatMessage\"9\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\r\x12\x19\n\x11\x63ompletion_tokens\x18\x02 \x01(\r\"k\n\rGenerateChunk\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\x15\n\rfinish_reason\x18\x02 \x01(\t\x12$\n\x05usage\x18\x03 \x01(\x0b\x32\x15.tabagent.ml.v1.Usage\x12\x0f\n\x07ttft_ms\x18\x04 \x01(\x01\"F\n\x0fTokenizeRequest\x12\x10\n\x08model_id\x18\x01 \x01(\t\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\x13\n\x0b\x61\x64\x64_special\x18\x03 \x01(\x08\"\"\n\x10TokenizeResponse\x12\x0e\n\x06tokens\x18\x01 \x03(\x05\"5\n\x11\x44\x65tokenizeRequest\x12\x10\n\x08model_id\x18\x01 \x01(\t\x12\x0e\n\x06tokens\x18\x02 \x03(\x05\"\"\n\x12\x44\x65tokenizeResponse\x12\x0c\n\x04text\x18\x01 \x01(\t\"0\n\x0c\x45mbedRequest\x12\x10\n\x08model_id\x18\x01 \x01(\t\x12\x0e\n\x06inputs\x18\x02 \x03(\t\"K\n\rEmbedResponse\x12\x12\n\ndimensions\x18\x01 \x01(\r\x12\x0f\n\x07vectors\x18\x02 \x01(\x0c\x12\x15\n\rprompt_tokens\x18\x03 \x01(\r\".\n\x08Keypoint\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\t\n\x01x\x18\x02 \x01(\x02\x12\t\n\x01y\x18\x03 \x01(\x02\"w\n\x04\x46\x61\x63\x65\x12\t\n\x01x\x18\x01 \x01(\x02\x12\t\n\x01y\x18\x02 \x01(\x02\x12\r\n\x05width\x18\x03 \x01(\x02\x12\x0e\n\x06height\x18\x04 \x01(\x02\x12\r\n\x05score\x18\x05 \x01(\x02\x12+\n\tkeypoints\x18\x06 \x03(\x0b\x32\x18.tabagent.ml.v1.Keypoint\"6\n\x08RawImage\x12\r\n\x05width\x18\x01 \x01(\r\x12\x0e\n\x06height\x18\x02 \x01(\r\x12\x0b\n\x03rgb\x18\x03 \x01(\x0c\"\x9b\x01\n\x12\x44\x65tectFacesRequest\x12\x10\n\x08model_id\x18\x01 \x01(\t\x12\x11\n\x07\x65ncoded\x18\x02 \x01(\x0cH\x00\x12\'\n\x03raw\x18\x03 \x01(\x0b\x32\x18.tabagent.ml.v1.RawImageH\x00\x12\x1b\n\x0emin_confidence\x18\x04 \x01(\x02H\x01\x88\x01\x01\x42\x07\n\x05imageB\x11\n\x0f_min_confidence\"o\n\x13\x44\x65tectFacesResponse\x12#\n\x05\x66\x61\x63\x65s\x18\x01 \x03(\x0b\x32\x14.tabagent.ml.v1.Face\x12\r\n\x05width\x18\x02 \x01(\r\x12\x0e\n\x06height\x18\x03 \x01(\r\x12\x14\n\x0cinference_ms\x18\x04 \x01(\x01\"\x8d\x01\n\nVideoFrame\x12\x14\n\x0ctimestamp_us\x18\x01 \x01(\x03\x12\'\n\x05\x66rame\x18\x02 \x01(\x0b\x32\x18.tabagent.ml.v1.RawImage\x12\x1b\n\x0emin_confidence\x18\x03 \x01(\x02H\x00\x88\x01\x01\x12\x10\n\x08model_id\x18\x04 \x01(\tB\x11\n\x0f_min_confidence\"b\n\x0f\x46rameDetections\x12\x14\n\x0ctimestamp_us\x18\x01 \x01(\x03\x12#\n\x05\x66\x61\x63\x65s\x18\x02 \x03(\x0b\x32\x14.tabagent.ml.v1.Face\x12\x14\n\x0cinference_ms\x18\x03 \x01(\x01*Z\n\x07\x42\x61\x63kend\x12\x17\n\x13\x42\x41\x43KEND_UNSPECIFIED\x10\x00\x12\r\n\tLLAMA_CPP\x10\x01\x12\x12\n\x0eONNX_EMBEDDING\x10\x02\x12\x13\n\x0fMEDIAPIPE_FACES\x10\x03\x32\xb6\x06\n\x0bMLInference\x12H\n\tLoadModel\x12 .tabagent.ml.v1.LoadModelRequest\x1a\x19.tabagent.ml.v1.ModelInfo\x12V\n\x0bUnloadModel\x12\".tabagent.ml.v1.UnloadModelRequest\x1a#.tabagent.ml.v1.UnloadModelResponse\x12S\n\nListModels\x12!.tabagent.ml.v1.ListModelsRequest\x1a\".tabagent.ml.v1.ListModelsResponse\x12J\n\tGetStatus\x12\x1d.tabagent.ml.v1.StatusRequest\x1a\x1e.tabagent.ml.v1.StatusResponse\x12L\n\x08Generate\x12\x1f.tabagent.ml.v1.GenerateRequest\x1a\x1d.tabagent.ml.v1.GenerateChunk0\x01\x12M\n\x08Tokenize\x12\x1f.tabagent.ml.v1.TokenizeRequest\x1a .tabagent.ml.v1.TokenizeResponse\x12S\n\nDetokenize\x12!.tabagent.ml.v1.DetokenizeRequest\x1a\".tabagent.ml.v1.DetokenizeResponse\x12\x44\n\x05\x45mbed\x12\x1c.tabagent.ml.v1.EmbedRequest\x1a\x1d.tabagent.ml.v1.EmbedResponse\x12V\n\x0b\x44\x65tectFaces\x12\".tabagent.ml.v1.DetectFacesRequest\x1a#.tabagent.ml.v1.DetectFacesResponse\x12T\n\x11\x44\x65tectFacesStream\x12\x1a.tabagent.ml.v1.VideoFrame\x1a\x1f.tabagent.ml.v1.FrameDetections(\x01\x30\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'ml_inference_pb2', _globals)
 if _descriptor._USE_C_DESCRIPTORS == False:
   DESCRIPTOR._options = None
-  _globals['_BACKEND']._serialized_start=2733
-  _globals['_BACKEND']._serialized_end=2823
+  _globals['_BACKEND']._serialized_start=2761
+  _globals['_BACKEND']._serialized_end=2851
   _globals['_LLAMAOPTIONS']._serialized_start=38
   _globals['_LLAMAOPTIONS']._serialized_end=148
   _globals['_ONNXOPTIONS']._serialized_start=150
@@ -49,39 +49,39 @@ if _descriptor._USE_C_DESCRIPTORS == False:
   _globals['_SAMPLING']._serialized_start=1023
   _globals['_SAMPLING']._serialized_end=1275
   _globals['_GENERATEREQUEST']._serialized_start=1278
-  _globals['_GENERATEREQUEST']._serialized_end=1432
-  _globals['_CHATTRANSCRIPT']._serialized_start=1434
-  _globals['_CHATTRANSCRIPT']._serialized_end=1497
-  _globals['_USAGE']._serialized_start=1499
-  _globals['_USAGE']._serialized_end=1556
-  _globals['_GENERATECHUNK']._serialized_start=1558
-  _globals['_GENERATECHUNK']._serialized_end=1665
-  _globals['_TOKENIZEREQUEST']._serialized_start=1667
-  _globals['_TOKENIZEREQUEST']._serialized_end=1737
-  _globals['_TOKENIZERESPONSE']._serialized_start=1739
-  _globals['_TOKENIZERESPONSE']._serialized_end=1773
-  _globals['_DETOKENIZEREQUEST']._serialized_start=1775
-  _globals['_DETOKENIZEREQUEST']._serialized_end=1828
-  _globals['_DETOKENIZERESPONSE']._serialized_start=1830
-  _globals['_DETOKENIZERESPONSE']._serialized_end=1864
-  _globals['_EMBEDREQUEST']._serialized_start=1866
-  _globals['_EMBEDREQUEST']._serialized_end=1914
-  _globals['_EMBEDRESPONSE']._serialized_start=1916
-  _globals['_EMBEDRESPONSE']._serialized_end=1991
-  _globals['_KEYPOINT']._serialized_start=1993
-  _globals['_KEYPOINT']._serialized_end=2039
-  _globals['_FACE']._serialized_start=2041
-  _globals['_FACE']._serialized_end=2160
-  _globals['_RAWIMAGE']._serialized_start=2162
-  _globals['_RAWIMAGE']._serialized_end=2216
-  _globals['_DETECTFACESREQUEST']._serialized_start=2219
-  _globals['_DETECTFACESREQUEST']._serialized_end=2374
-  _globals['_DETECTFACESRESPONSE']._serialized_start=2376
-  _globals['_DETECTFACESRESPONSE']._serialized_end=2487
-  _globals['_VIDEOFRAME']._serialized_start=2490
-  _globals['_VIDEOFRAME']._serialized_end=2631
-  _globals['_FRAMEDETECTIONS']._serialized_start=2633
-  _globals['_FRAMEDETECTIONS']._serialized_end=2731
-  _globals['_MLINFERENCE']._serialized_start=2826
-  _globals['_MLINFERENCE']._serialized_end=3648
+  _globals['_GENERATEREQUEST']._serialized_end=1460
+  _globals['_CHATTRANSCRIPT']._serialized_start=1462
+  _globals['_CHATTRANSCRIPT']._serialized_end=1525
+  _globals['_USAGE']._serialized_start=1527
+  _globals['_USAGE']._serialized_end=1584
+  _globals['_GENERATECHUNK']._serialized_start=1586
+  _globals['_GENERATECHUNK']._serialized_end=1693
+  _globals['_TOKENIZEREQUEST']._serialized_start=1695
+  _globals['_TOKENIZEREQUEST']._serialized_end=1765
+  _globals['_TOKENIZERESPONSE']._serialized_start=1767
+  _globals['_TOKENIZERESPONSE']._serialized_end=1801
+  _globals['_DETOKENIZEREQUEST']._serialized_start=1803
+  _globals['_DETOKENIZEREQUEST']._serialized_end=1856
+  _globals['_DETOKENIZERESPONSE']._serialized_start=1858
+  _globals['_DETOKENIZERESPONSE']._serialized_end=1892
+  _globals['_EMBEDREQUEST']._serialized_start=1894
+  _globals['_EMBEDREQUEST']._serialized_end=1942
+  _globals['_EMBEDRESPONSE']._serialized_start=1944
+  _globals['_EMBEDRESPONSE']._serialized_end=2019
+  _globals['_KEYPOINT']._serialized_start=2021
+  _globals['_KEYPOINT']._serialized_end=2067
+  _globals['_FACE']._serialized_start=2069
+  _globals['_FACE']._serialized_end=2188
+  _globals['_RAWIMAGE']._serialized_start=2190
+  _globals['_RAWIMAGE']._serialized_end=2244
+  _globals['_DETECTFACESREQUEST']._serialized_start=2247
+  _globals['_DETECTFACESREQUEST']._serialized_end=2402
+  _globals['_DETECTFACESRESPONSE']._serialized_start=2404
+  _globals['_DETECTFACESRESPONSE']._serialized_end=2515
+  _globals['_VIDEOFRAME']._serialized_start=2518
+  _globals['_VIDEOFRAME']._serialized_end=2659
+  _globals['_FRAMEDETECTIONS']._serialized_start=2661
+  _globals['_FRAMEDETECTIONS']._serialized_end=2759
+  _globals['_MLINFERENCE']._serialized_start=2854
+  _globals['_MLINFERENCE']._serialized_end=3676
 # @@protoc_insertion_point(module_scope)

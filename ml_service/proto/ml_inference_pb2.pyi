@@ -149,16 +149,18 @@ class Sampling(_message.Message):
     def __init__(self, max_tokens: _Optional[int] = ..., temperature: _Optional[float] = ..., top_p: _Optional[float] = ..., top_k: _Optional[int] = ..., min_p: _Optional[float] = ..., repeat_penalty: _Optional[float] = ..., seed: _Optional[int] = ..., stop: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class GenerateRequest(_message.Message):
-    __slots__ = ("model_id", "prompt", "chat", "sampling")
+    __slots__ = ("model_id", "prompt", "chat", "sampling", "stream_interval_ms")
     MODEL_ID_FIELD_NUMBER: _ClassVar[int]
     PROMPT_FIELD_NUMBER: _ClassVar[int]
     CHAT_FIELD_NUMBER: _ClassVar[int]
     SAMPLING_FIELD_NUMBER: _ClassVar[int]
+    STREAM_INTERVAL_MS_FIELD_NUMBER: _ClassVar[int]
     model_id: str
     prompt: str
     chat: ChatTranscript
     sampling: Sampling
-    def __init__(self, model_id: _Optional[str] = ..., prompt: _Optional[str] = ..., chat: _Optional[_Union[ChatTranscript, _Mapping]] = ..., sampling: _Optional[_Union[Sampling, _Mapping]] = ...) -> None: ...
+    stream_interval_ms: int
+    def __init__(self, model_id: _Optional[str] = ..., prompt: _Optional[str] = ..., chat: _Optional[_Union[ChatTranscript, _Mapping]] = ..., sampling: _Optional[_Union[Sampling, _Mapping]] = ..., stream_interval_ms: _Optional[int] = ...) -> None: ...
 
 class ChatTranscript(_message.Message):
     __slots__ = ("messages",)

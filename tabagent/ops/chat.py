@@ -171,7 +171,12 @@ async def generate(
     ml = ctx.state.require_ml()
     model_id = ml.orchestrator.resolve(req.model, "chat")
     keep_alive = parse_keep_alive(req.keep_alive)
-    request = pb.GenerateRequest(model_id=model_id, sampling=req.sampling(), **input_)
+    request = pb.GenerateRequest(
+        model_id=model_id,
+        sampling=req.sampling(),
+        stream_interval_ms=ctx.state.settings.stream_interval_ms,
+        **input_,
+    )
     async with ml.orchestrator.use(model_id, ctx.request_id, keep_alive):
         started = time.perf_counter()
         first_token_at: float | None = None
