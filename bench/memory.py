@@ -5,12 +5,12 @@ Every database lives in a temporary directory. TabAgent's paths are timed layer 
 ``ConversationStore`` (synchronous, inside ``Database.transaction``) and the async ``Memory``
 facade (writes through the writer thread with group commit, acknowledged after COMMIT; reads
 through the reader thread pool). The raw baseline is sqlite3 with the same pragmas (WAL,
-synchronous=NORMAL, foreign_keys, temp_store MEMORY) on the same ``messages`` table: with
-TabAgent's schema (its indexes, outboxes and triggers: the fair comparison, "vs raw"), with only
-the tables, and with an FTS5 table filled by trigger in the same commit (how TabAgent kept its
-keyword index before it moved to its own file). Since the keyword index is now filled in the
-background (``tabagent.storage.keywords``), batched writes are also timed until the index holds
-them all, beside the inline FTS5 trigger:
+synchronous=NORMAL, foreign_keys, temp_store MEMORY, the readers' 256 MiB mmap) on the same
+``messages`` table: with TabAgent's schema (its indexes, outboxes and triggers: the fair
+comparison, "vs raw"), with only the tables, and with an FTS5 table filled by trigger in the
+same commit (how TabAgent kept its keyword index before it moved to its own file). Since the
+keyword index is now filled in the background (``tabagent.storage.keywords``), batched writes
+are also timed until the index holds them all, beside the inline FTS5 trigger:
 
 1. batched writes: 1,000 messages per call / transaction (``executemany`` for raw sqlite3), a
    new conversation per batch; ``embed=False`` (no embedder), so this is storage alone;
@@ -70,7 +70,7 @@ from tabagent.storage.fts import match_expression
 from tabagent.storage.memory import Memory
 from tabagent.storage.records import NewMessage, Role, label_parts
 from tabagent.storage.search import RRF_K, SearchMode, SearchQuery
-from tabagent.storage.sqlite import Database
+from tabagent.storage.sqlite import READ_MMAP_BYTES, Database
 
 BATCH = 1000
 CONCURRENCY = 64
@@ -86,7 +86,8 @@ INSERT = (
     "INSERT INTO messages(conversation_id, role, content, model, created_at, embedded)"
     " VALUES (?, ?, ?, ?, ?, 0)"
 )
-PRAGMAS = ("journal_mode = WAL", "synchronous = NORMAL", "foreign_keys = ON", "temp_store = MEMORY")
+PRAGMAS = ("journal_mode = WAL", "synchronous = NORMAL", "foreign_keys = ON", "temp_store = MEMORY",
+           f"mmap_size = {READ_MMAP_BYTES}")  # fmt: skip
 
 
 def _phrases(text: str) -> list[str]:

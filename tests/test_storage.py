@@ -299,6 +299,38 @@ def test_messages_keep_their_order_and_conversations_list_newest_first(
     assert store.get(a.id).message_count == 3
 
 
+def test_reads_by_id_see_every_commit_from_any_thread_and_after_a_reopen(
+    tmp_path: Path,
+) -> None:
+    """Each thread reuses one read cursor: a read must still see the latest commit, give each
+    thread its own rows, and work again after the database is closed and opened."""
+    db = open_db(tmp_path / "conversations.db")
+    store = ConversationStore(db)
+    with db.transaction() as conn:
+        ids = [
+            m.id for m in store.append(conn, "c", [user(f"m{i}") for i in range(50)], create=True)
+        ]
+    assert store.message(ids[0]).content == "m0"
+    with db.transaction() as conn:  # committed after this thread's cursor exists
+        (late,) = store.append(conn, "c", [user("late")])
+    assert store.message(late.id).content == "late"
+
+    def read(offset: int) -> list[str]:
+        return [store.message(ids[(i + offset) % 50]).content for i in range(200)]
+
+    with concurrent.futures.ThreadPoolExecutor(4) as pool:
+        got = list(pool.map(read, range(4)))
+    assert got == [[f"m{(i + k) % 50}" for i in range(200)] for k in range(4)]
+    db.close()
+    with pytest.raises(StorageError, match="not open"):
+        store.message(ids[0])
+    db.open()
+    try:
+        assert store.message(late.id).content == "late"
+    finally:
+        db.close()
+
+
 def test_append_returns_the_stored_messages_even_after_the_newest_was_deleted(
     db: Database, store: ConversationStore
 ) -> None:

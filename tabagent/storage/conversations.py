@@ -23,7 +23,7 @@ from tabagent.errors import Conflict, NotFound
 from tabagent.storage import keywords, outbox
 from tabagent.storage.fts import match_expression, ranked
 from tabagent.storage.records import Conversation, Message, NewMessage, vector_label
-from tabagent.storage.sqlite import Database, tuple_cursor
+from tabagent.storage.sqlite import Database
 
 MIGRATIONS = (
     # 1: conversations and messages
@@ -82,6 +82,7 @@ MIGRATIONS = (
 )
 
 _MESSAGE_COLUMNS = "id, conversation_id, role, content, model, created_at, embedded"
+_MESSAGE_BY_ID = f"SELECT {_MESSAGE_COLUMNS} FROM messages WHERE id = ?"
 
 
 def new_conversation_id() -> str:
@@ -101,16 +102,24 @@ def _conversation(row: sqlite3.Row, count: int = 0) -> Conversation:
     )
 
 
+_validate_message = Message.__pydantic_validator__.validate_python
+
+
 def _message(row: tuple[Any, ...]) -> Message:
-    return Message(
-        id=row[0],
-        conversation_id=row[1],
-        role=row[2],
-        content=row[3],
-        model=row[4],
-        created_at=row[5],
-        embedded=bool(row[6]),
+    # the model's own validator on a dict: a third faster than keyword construction, which
+    # matters on reads by id (about a fifth of their time goes to building the Message)
+    message: Message = _validate_message(
+        {
+            "id": row[0],
+            "conversation_id": row[1],
+            "role": row[2],
+            "content": row[3],
+            "model": row[4],
+            "created_at": row[5],
+            "embedded": bool(row[6]),
+        }
     )
+    return message
 
 
 class ConversationStore:
@@ -299,7 +308,7 @@ class ConversationStore:
         self, conversation_id: str, *, limit: int = 1000, after_id: int = 0, newest: bool = False
     ) -> list[Message]:
         """Messages in order; ``newest`` takes the last ``limit`` (still returned oldest first)."""
-        conn = tuple_cursor(self.db.reader())
+        conn = self.db.tuples()
         if newest:
             rows = conn.execute(
                 f"SELECT {_MESSAGE_COLUMNS} FROM messages WHERE conversation_id = ? AND id > ?"
@@ -316,11 +325,7 @@ class ConversationStore:
         return [_message(r) for r in rows]
 
     def message(self, message_id: int) -> Message:
-        row = (
-            tuple_cursor(self.db.reader())
-            .execute(f"SELECT {_MESSAGE_COLUMNS} FROM messages WHERE id = ?", (message_id,))
-            .fetchone()
-        )
+        row = self.db.tuples().execute(_MESSAGE_BY_ID, (message_id,)).fetchone()
         if row is None:
             raise NotFound(f"no message {message_id}", code="message_not_found")
         return _message(row)
@@ -330,7 +335,7 @@ class ConversationStore:
             return {}
         marks = ",".join("?" * len(ids))
         rows = (
-            tuple_cursor(self.db.reader())
+            self.db.tuples()
             .execute(f"SELECT {_MESSAGE_COLUMNS} FROM messages WHERE id IN ({marks})", tuple(ids))
             .fetchall()
         )

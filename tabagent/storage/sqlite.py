@@ -37,6 +37,9 @@ def tuple_cursor(conn: sqlite3.Connection) -> sqlite3.Cursor:
     return cursor
 
 
+READ_MMAP_BYTES = 256 * 1024 * 1024  # address space per reader, not memory
+
+
 class Database:
     def __init__(
         self, path: Path, migrations: Sequence[str], *, durable: bool = False, name: str = ""
@@ -102,6 +105,10 @@ class Database:
         conn.execute(f"PRAGMA synchronous = {self._synchronous}")
         conn.execute("PRAGMA foreign_keys = ON")
         conn.execute("PRAGMA temp_store = MEMORY")
+        if readonly:
+            # readers map the file: pages come from the OS page cache, shared by every reader,
+            # instead of a read() into each connection's own 2 MB cache (reads by id +10%)
+            conn.execute(f"PRAGMA mmap_size = {READ_MMAP_BYTES}")
         return conn
 
     def _attach_to(self, conn: sqlite3.Connection, had: dict[str, Path]) -> None:
@@ -189,6 +196,16 @@ class Database:
         if self._local.attached is not self._attached:
             self._attach_to(conn, self._local.attached)
         return conn
+
+    def tuples(self) -> sqlite3.Cursor:
+        """This thread's reader as a cursor of plain tuples, made once per thread and reused
+        (a new cursor per call costs a tenth of a read by id). Only for a statement whose rows
+        are all fetched (``fetchone``, ``fetchall``) before the next use on the same thread."""
+        local = self._local
+        cursor: sqlite3.Cursor | None = getattr(local, "tuples", None)
+        if cursor is None or local.attached is not self._attached:
+            cursor = local.tuples = tuple_cursor(self.reader())
+        return cursor
 
     @contextlib.contextmanager
     def snapshot(self) -> Iterator[sqlite3.Connection]:
