@@ -96,8 +96,8 @@ class Sample:
 class ChatSample:
     ttft_ms: float
     total_ms: float
-    tokens: int  # content chunks (one per token on both transports)
-    tokens_per_s: float  # decode rate: (tokens - 1) / (last - first)
+    tokens: int  # as the stream's usage counts them (a chunk may carry several tokens)
+    tokens_per_s: float  # decode rate: (tokens - 1) / (last chunk - first chunk)
     foreign_cores: float
 
 
@@ -372,16 +372,19 @@ def _measure_small(
 
 
 def _chat_sample(
-    start: float, stamps: list[float], end: float, probe: harness.ForeignLoad
+    start: float, stamps: list[float], tokens: int, end: float, probe: harness.ForeignLoad
 ) -> ChatSample:
-    if len(stamps) < 2:
-        raise RuntimeError(f"fewer than two tokens generated ({len(stamps)})")
+    """``stamps``: when each chunk of text arrived; ``tokens``: how many the stream's usage
+    says were generated. The first chunk is one token (never held back), so the decode rate is
+    the other tokens over the time from the first chunk to the last."""
+    if len(stamps) < 2 or tokens < 2:
+        raise RuntimeError(f"fewer than two chunks or tokens ({len(stamps)}, {tokens})")
     decode = stamps[-1] - stamps[0]
     return ChatSample(
         ttft_ms=(stamps[0] - start) * 1000,
         total_ms=(end - start) * 1000,
-        tokens=len(stamps),
-        tokens_per_s=(len(stamps) - 1) / decode,
+        tokens=tokens,
+        tokens_per_s=(tokens - 1) / decode,
         foreign_cores=probe.cores(),
     )
 
@@ -397,20 +400,23 @@ async def envelope_chat(client: EnvelopeClient, request_id: str) -> ChatSample:
     start = time.perf_counter()
     request = {"id": request_id, "method": "chat.complete", "params": _chat_params()}
     await client.send_request(request)
-    stamps = []
+    stamps, tokens = [], 0
     async for event in client.events(request_id, within=120):
         if event["event"] == "delta" and event["data"].get("text"):
             stamps.append(time.perf_counter())
+        elif event["event"] == "done":
+            tokens = event["data"]["usage"]["completion_tokens"]
         elif event["event"] == "error":
             raise RuntimeError(f"chat over {type(client).__name__} failed: {event['error']}")
-    return _chat_sample(start, stamps, time.perf_counter(), probe)
+    return _chat_sample(start, stamps, tokens, time.perf_counter(), probe)
 
 
 async def _http_chat(http: aiohttp.ClientSession, url: str) -> ChatSample:
     probe = harness.ForeignLoad()
     start = time.perf_counter()
-    stamps = []
-    async with http.post(url, json={**_chat_params(), "stream": True}) as response:
+    stamps, tokens = [], 0
+    body = {**_chat_params(), "stream": True, "stream_options": {"include_usage": True}}
+    async with http.post(url, json=body) as response:
         if response.status != 200:
             raise RuntimeError(f"{url}: HTTP {response.status} {(await response.read())[:200]!r}")
         async for raw in response.content:
@@ -422,7 +428,9 @@ async def _http_chat(http: aiohttp.ClientSession, url: str) -> ChatSample:
                 raise RuntimeError(f"HTTP chat failed: {chunk['error']}")
             if chunk["choices"] and chunk["choices"][0]["delta"].get("content"):
                 stamps.append(time.perf_counter())
-    return _chat_sample(start, stamps, time.perf_counter(), probe)
+            if chunk.get("usage"):
+                tokens = chunk["usage"]["completion_tokens"]
+    return _chat_sample(start, stamps, tokens, time.perf_counter(), probe)
 
 
 async def _chat_native(
