@@ -13,6 +13,9 @@ from ml_service.proto import ml_inference_pb2 as pb
 from tabagent.ml.orchestrator import ModelOrchestrator
 from tabagent.ml.supervisor import WorkerSupervisor
 
+# Text nobody watches arrive travels in few large chunks: each chunk costs CPU the model needs.
+WHOLE_TEXT_INTERVAL_MS = 1000
+
 
 class MLMetrics:
     def __init__(self, registry: CollectorRegistry) -> None:
@@ -54,6 +57,26 @@ class MLServices:
             )  # fmt: skip
         vectors = np.frombuffer(reply.vectors, dtype="<f4").reshape(len(texts), reply.dimensions)
         return model_id, vectors, reply.prompt_tokens
+
+    async def complete(
+        self, model: str | None, prompt: str, max_tokens: int, request_id: str, purpose: str
+    ) -> str:
+        """The whole answer of a chat model (greedy) to one user message: for the server's own
+        uses of a model (summaries, extraction), where nobody watches the text arrive."""
+        model_id = self.orchestrator.resolve(model, "chat")
+        request = pb.GenerateRequest(
+            model_id=model_id,
+            sampling=pb.Sampling(max_tokens=max_tokens, temperature=0.0),
+            chat=pb.ChatTranscript(messages=[pb.ChatMessage(role="user", content=prompt)]),
+            stream_interval_ms=WHOLE_TEXT_INTERVAL_MS,
+        )
+        parts = []
+        async with self.orchestrator.use(model_id, request_id):
+            async for chunk in self.supervisor.stream(
+                "Generate", request, request_id, self.orchestrator.request_timeout, purpose
+            ):
+                parts.append(chunk.text)
+        return "".join(parts)
 
 
 class WorkerEmbedder:

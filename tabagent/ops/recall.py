@@ -223,19 +223,9 @@ async def _summarise(ctx: OpContext, previous: str, turns: list[Turn], model_id:
         "Keep names, numbers and decisions."
     )
     ml = ctx.state.require_ml()
-    request = pb.GenerateRequest(
-        model_id=model_id,
-        sampling=pb.Sampling(max_tokens=SUMMARY_MAX_TOKENS, temperature=0.0),
-        chat=pb.ChatTranscript(messages=[pb.ChatMessage(role="user", content=prompt)]),
-    )
     try:
-        parts = []
-        async with ml.orchestrator.use(model_id, ctx.request_id):
-            async for chunk in ml.supervisor.stream(
-                "Generate", request, ctx.request_id, ml.orchestrator.request_timeout, "summary"
-            ):
-                parts.append(chunk.text)
-        text = "".join(parts).strip()
+        answer = await ml.complete(model_id, prompt, SUMMARY_MAX_TOKENS, ctx.request_id, "summary")
+        text = answer.strip()
     except TabAgentError as exc:
         log.warning("summary by the model failed (%s); using an extractive one", exc.message)
         text = ""

@@ -11,7 +11,6 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-from ml_service.proto import ml_inference_pb2 as pb
 from tabagent.ops.registry import OpContext
 from tabagent.storage.extract import extract
 from tabagent.storage.records import Entity
@@ -64,18 +63,6 @@ def _generator(ctx: OpContext) -> Any:
     ml = ctx.state.require_ml()
 
     async def generate(prompt: str) -> str:
-        model_id = ml.orchestrator.resolve(None, "chat")
-        request = pb.GenerateRequest(
-            model_id=model_id,
-            sampling=pb.Sampling(max_tokens=_LLM_MAX_TOKENS, temperature=0.0),
-            chat=pb.ChatTranscript(messages=[pb.ChatMessage(role="user", content=prompt)]),
-        )
-        parts = []
-        async with ml.orchestrator.use(model_id, ctx.request_id):
-            async for chunk in ml.supervisor.stream(
-                "Generate", request, ctx.request_id, ml.orchestrator.request_timeout, "extraction"
-            ):
-                parts.append(chunk.text)
-        return "".join(parts)
+        return await ml.complete(None, prompt, _LLM_MAX_TOKENS, ctx.request_id, "extraction")
 
     return generate
