@@ -43,7 +43,7 @@ class Sample:
     events: int  # pieces of text received (a stream may carry several tokens in one)
 
 
-def _sample(start: float, stamps: list[float], tokens: int | None = None) -> Sample:
+def decode_sample(start: float, stamps: list[float], tokens: int | None = None) -> Sample:
     """``stamps``: when each piece of text arrived; ``tokens``: how many tokens they held in all,
     when the stream says (a server may send several tokens in one event), else one per stamp.
     The first piece is one token (sent as soon as it exists), so the decode rate is the other
@@ -66,7 +66,7 @@ def direct_runner(tokens: int, threads: int) -> Callable[[], Sample]:
         for part in llm.create_completion(PROMPT, max_tokens=tokens, temperature=0, stream=True):
             if part["choices"][0]["text"]:
                 stamps.append(time.perf_counter())
-        return _sample(start, stamps)
+        return decode_sample(start, stamps)
 
     return run
 
@@ -95,7 +95,7 @@ def http_runner(port: int, tokens: int, model: str) -> Callable[[], Sample]:
             if event.get("usage"):
                 produced = event["usage"]["completion_tokens"]
         conn.close()
-        return _sample(start, stamps, produced)
+        return decode_sample(start, stamps, produced)
 
     return run
 

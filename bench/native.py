@@ -46,6 +46,7 @@ from typing import Any, Protocol, TypeVar
 import aiohttp
 
 from bench import harness
+from bench.chat import decode_sample
 from ml_service.backends.llama import physical_cores
 from tests.envelope_client import EnvelopeClient
 from tests.native_host import ORIGIN, Host
@@ -374,17 +375,14 @@ def _measure_small(
 def _chat_sample(
     start: float, stamps: list[float], tokens: int, end: float, probe: harness.ForeignLoad
 ) -> ChatSample:
-    """``stamps``: when each chunk of text arrived; ``tokens``: how many the stream's usage
-    says were generated. The first chunk is one token (never held back), so the decode rate is
-    the other tokens over the time from the first chunk to the last."""
-    if len(stamps) < 2 or tokens < 2:
-        raise RuntimeError(f"fewer than two chunks or tokens ({len(stamps)}, {tokens})")
-    decode = stamps[-1] - stamps[0]
+    """TTFT and decode rate counted as ``bench chat`` counts them (``stamps``: when each chunk
+    of text arrived; ``tokens``: how many the stream's usage says were generated)."""
+    sample = decode_sample(start, stamps, tokens)
     return ChatSample(
-        ttft_ms=(stamps[0] - start) * 1000,
+        ttft_ms=sample.ttft_ms,
         total_ms=(end - start) * 1000,
-        tokens=tokens,
-        tokens_per_s=(tokens - 1) / decode,
+        tokens=sample.tokens,
+        tokens_per_s=sample.tokens_per_s,
         foreign_cores=probe.cores(),
     )
 
