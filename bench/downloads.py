@@ -2,8 +2,15 @@
 
 The same fake Hub (the test suite's, in its own process), the same file, one run:
 
-* (a) loopback, no bandwidth cap — MB/s, ours including sha256 verification and the fsync
-  before the rename (hf_hub_download does neither); the median of three downloads each;
+* (a) loopback, no bandwidth cap — MB/s to a usable file, ours including sha256 verification
+  (hf_hub_download verifies nothing); the median of three downloads each, the two clients in
+  turn. Neither flushes to the disk before the file is usable: hf_hub_download never does, ours
+  does it in the background after (its time to "on the disk" is shown beside). Every download
+  starts from a disk with no dirty data (``os.sync()`` between them, untimed), and each file
+  is deleted once measured, so the next one's page cache reuses its memory: on a VM, memory
+  the guest has never touched (or handed back to the host) costs a host page fault per page on
+  first write, about 0.8 s per 256 MiB here, which would measure the hypervisor, not the
+  client, and hit whichever client runs later harder;
 * (b) a 20 MB/s cap per connection, as many CDNs and ISPs apply — MB/s and the ratio;
 * (c) ``tabagent-server models pull`` killed with SIGKILL at about 50%, then run again — the
   bytes sent twice by the server, as a share of the file, at 20 and at 5 MB/s per connection.
@@ -11,8 +18,7 @@ The same fake Hub (the test suite's, in its own process), the same file, one run
 
 Each client first downloads the file once, untimed, so that one-time costs (imports, TLS
 setup) count for neither. Beside them, this disk's own durable write speed (the same size
-written and fsynced): ours fsyncs the file before it renames it into place, so that is its
-ceiling.
+written and fsynced): the ceiling of "on the disk".
 
 Targets (issue 4): (a) ours >= 1.0x and >= 500 MB/s; (b) ours >= 4x; (c) <= 5% re-fetched.
 """
@@ -23,6 +29,7 @@ import argparse
 import asyncio
 import json
 import os
+import shutil
 import signal
 import statistics
 import subprocess
@@ -67,15 +74,26 @@ class Hub:
         self.proc.wait(timeout=30)
 
 
-def ours(endpoint: str, root: Path) -> float:
+def ours(endpoint: str, root: Path) -> tuple[float, float]:
+    """Seconds until the file is usable (verified, in place), and until it is on the disk."""
     os.environ["HF_ENDPOINT"] = endpoint
     from tabagent.models.cache import ModelCache
     from tabagent.models.pull import Puller
     from tabagent.models.refs import parse_ref
 
-    start = time.perf_counter()
-    asyncio.run(Puller(ModelCache(root, shared=[])).pull(parse_ref(f"{REPO}/{FILE}")))
-    return time.perf_counter() - start
+    async def pull() -> tuple[float, float]:
+        puller = Puller(ModelCache(root, shared=[]))
+        start = time.perf_counter()
+        await puller.pull(parse_ref(f"{REPO}/{FILE}"))
+        usable = time.perf_counter() - start
+        await puller.durable()
+        return usable, time.perf_counter() - start
+
+    os.sync()
+    try:
+        return asyncio.run(pull())
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
 
 
 def disk_ceiling(path: Path, size: int) -> float:
@@ -99,9 +117,12 @@ def disk_ceiling(path: Path, size: int) -> float:
 def theirs(endpoint: str, root: Path) -> float:
     from huggingface_hub import hf_hub_download
 
+    os.sync()
     start = time.perf_counter()
     hf_hub_download(REPO, FILE, cache_dir=root, endpoint=endpoint)
-    return time.perf_counter() - start
+    elapsed = time.perf_counter() - start
+    shutil.rmtree(root, ignore_errors=True)
+    return elapsed
 
 
 def resume_after_kill(hub: Hub, size: int, root: Path) -> tuple[float, float]:
@@ -149,9 +170,15 @@ def run(args: argparse.Namespace) -> None:
             ("20 MB/s per connection", CAP, 1),
         ):
             hub.cap(cap)
-            a = [ours(hub.endpoint, work / f"ours-{cap}-{r}") for r in range(rounds)]
-            b = [theirs(hub.endpoint, work / f"theirs-{cap}-{r}") for r in range(rounds)]
-            results[label] = (size / statistics.median(a) / MB, size / statistics.median(b) / MB)
+            a, b = [], []
+            for r in range(rounds):  # in turn, so a drift of the machine hits both alike
+                a.append(ours(hub.endpoint, work / f"ours-{cap}-{r}"))
+                b.append(theirs(hub.endpoint, work / f"theirs-{cap}-{r}"))
+            results[label] = (
+                size / statistics.median(t for t, _ in a) / MB,
+                size / statistics.median(t for _, t in a) / MB,
+                size / statistics.median(b) / MB,
+            )
         disk = size / disk_ceiling(work / "disk-ceiling", size) / MB
         resumes = {}
         for cap in (CAP, CAP // 4):
@@ -160,10 +187,11 @@ def run(args: argparse.Namespace) -> None:
     finally:
         hub.close()
     print(f"\nDownloads from the fake Hub, one {size_mib} MiB file, one run")
-    print(f"{'link':26} {'TabAgent MB/s':>14} {'hf_hub_download MB/s':>21} {'ratio':>7}")
-    for label, (mine, hf) in results.items():
-        print(f"{label:26} {mine:14.0f} {hf:21.0f} {mine / hf:6.1f}x")
-    print(f"{'this disk: write + fsync':26} {disk:14.0f}   (the ceiling of any durable download)")
+    print(f"{'link':26} {'TabAgent MB/s':>14} {'(on the disk)':>14} {'hf_hub_download MB/s':>21} "
+          f"{'ratio':>7}")  # fmt: skip
+    for label, (mine, durable, hf) in results.items():
+        print(f"{label:26} {mine:14.0f} {durable:14.0f} {hf:21.0f} {mine / hf:6.1f}x")
+    print(f"{'this disk: write + fsync':26} {'':14} {disk:14.0f}   (the ceiling of 'on the disk')")
     for cap, (at_kill, share) in resumes.items():
         print(
             f"resume at {cap // MB} MB/s per connection: killed at {at_kill:.0%}, "
@@ -171,12 +199,11 @@ def run(args: argparse.Namespace) -> None:
             "killed process's socket buffers)"
         )
     refetched = resumes[CAP][1]
-    mine, hf = results["loopback, no cap"]
-    capped, capped_hf = results["20 MB/s per connection"]
+    mine, _, hf = results["loopback, no cap"]
+    capped, _, capped_hf = results["20 MB/s per connection"]
     checks = [
         (f"(a) >= 1.0x hf_hub_download on loopback (is {mine / hf:.2f}x)", mine >= hf),
-        (f"(a) >= 500 MB/s with verification (is {mine:.0f} MB/s; this disk writes durably at "
-         f"{disk:.0f} MB/s)", mine >= 500),
+        (f"(a) >= 500 MB/s with verification (is {mine:.0f} MB/s)", mine >= 500),
         (f"(b) >= 4x at 20 MB/s per connection (is {capped / capped_hf:.1f}x)",
          capped >= 4 * capped_hf),
         (f"(c) <= 5% re-fetched after a kill at ~50% (is {refetched:.1%})", refetched <= 0.05),

@@ -73,6 +73,10 @@ class Transports:
 # start rather than pretend (see README, "Modes").
 UNAVAILABLE_TRANSPORTS: dict[str, str] = {}
 
+# At shutdown, how long to wait for new downloads to reach the disk (a 4 GB model on a slow disk
+# takes seconds); after that their markers make the next start check them.
+FLUSH_AT_EXIT_S = 20.0
+
 
 async def _metrics(request: web.Request) -> web.Response:
     body = request.app[STATE].metrics.render()
@@ -291,6 +295,20 @@ def _hardware_component(state: AppState) -> Callable[[web.Application], AsyncIte
     return lifetime
 
 
+def _models_component(models: ModelService) -> Callable[[web.Application], AsyncIterator[None]]:
+    """At shutdown, finish flushing downloaded models to the disk, for a bounded time (a blob
+    left unflushed keeps its marker and is hashed again before its next use)."""
+
+    async def lifetime(app: web.Application) -> AsyncIterator[None]:
+        yield
+        try:
+            await asyncio.wait_for(models.puller.durable(), timeout=FLUSH_AT_EXIT_S)
+        except TimeoutError:
+            log.warning("downloads still flushing to the disk at exit: checked at the next use")
+
+    return lifetime
+
+
 def _http_component(state: AppState) -> Callable[[web.Application], AsyncIterator[None]]:
     async def lifetime(app: web.Application) -> AsyncIterator[None]:
         state.components.set("http", "ok")
@@ -339,6 +357,7 @@ def build_app(
     app[STATE] = state
     app[OPENAPI] = build_openapi(registry)
     state.models = build_models(settings, state.metrics)
+    app.cleanup_ctx.append(_models_component(state.models))
     state.hardware = server_hardware()
     if settings.ml_worker:
         state.ml = build_ml(settings, state, state.metrics.registry)

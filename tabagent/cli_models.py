@@ -26,7 +26,7 @@ from tabagent.errors import TabAgentError
 from tabagent.models.refs import parse_ref
 
 if TYPE_CHECKING:
-    from tabagent.models.cache import ModelCache
+    from tabagent.models.cache import CachedModel, ModelCache
 
 
 def _human(size: float) -> str:
@@ -93,8 +93,18 @@ def models_group(settings_of: Any) -> click.Group:
                     progress.update(tasks["total"], completed=event.done)
 
             started = time.monotonic()
+            seconds = 0.0
+
+            async def pull_and_flush() -> CachedModel:
+                nonlocal seconds
+                puller = Puller(cache)
+                model = await puller.pull(parsed, on_event, refresh=refresh)
+                seconds = time.monotonic() - started
+                await puller.durable()  # the flush to the disk; Ctrl-C here costs a re-hash
+                return model
+
             try:
-                model = asyncio.run(Puller(cache).pull(parsed, on_event, refresh=refresh))
+                model = asyncio.run(pull_and_flush())
             except TabAgentError as exc:
                 progress.stop()
                 _fail(exc)
@@ -102,7 +112,6 @@ def models_group(settings_of: Any) -> click.Group:
                 progress.stop()
                 click.echo("interrupted: run the same pull again to resume", err=True)
                 sys.exit(130)
-        seconds = time.monotonic() - started
         for path in model_paths(cache, model):
             click.echo(str(path))
         console.print(f"{model.ref}: {_human(model.size)} in {seconds:.1f} s")

@@ -16,7 +16,7 @@ import pytest
 
 from tabagent.errors import BadRequest, ChecksumMismatch
 from tabagent.models.cache import ModelCache
-from tabagent.models.downloader import Tuning
+from tabagent.models.downloader import UNSYNCED_SUFFIX, Tuning, unsynced_marker
 from tabagent.models.pull import Puller
 from tabagent.models.refs import parse_ref
 from tests.fakehub import FakeHub
@@ -114,6 +114,54 @@ async def test_a_complete_pull_uses_no_network(hub: FakeHub, tmp_path: Path) -> 
     again = await Puller(cache, fast_tuning()).pull(parse_ref(f"{REPO}:Q8_0"))
     assert sum(hub.stats.requests.values()) == before
     assert again.files[0].path == "model-Q8_0.gguf"
+
+
+async def test_a_pulled_blob_is_flushed_to_the_disk_after_it_is_usable(
+    hub: FakeHub, tmp_path: Path
+) -> None:
+    sha = add_big(hub, "model-Q4_K_M.gguf", 8 * MiB, seed=21)
+    cache = ModelCache(tmp_path / "cache", shared=[])
+    puller = Puller(cache, fast_tuning())
+    model = await puller.pull(parse_ref(REPO))
+    blob = cache.blob_path(REPO, sha)
+    assert sha256_of(cache.snapshot_path(REPO, model.commit, model.files[0].path)) == sha
+    await puller.durable()
+    assert not unsynced_marker(blob).exists()
+    assert not cache.syncing
+    assert not [n for n in files_under(cache.root) if n.endswith(UNSYNCED_SUFFIX)]
+
+
+async def test_a_blob_whose_flush_a_power_cut_interrupted_is_checked_before_use(
+    hub: FakeHub, tmp_path: Path
+) -> None:
+    """A marker left beside a blob means its data may never have reached the disk: intact data
+    proves itself by its hash and is kept; data the disk lost is deleted and fetched again."""
+    sha = add_big(hub, "model-Q4_K_M.gguf", 4 * MiB, seed=22)
+    cache = ModelCache(tmp_path / "cache", shared=[])
+    first = Puller(cache, fast_tuning())
+    await first.pull(parse_ref(REPO))
+    await first.durable()
+    blob = cache.blob_path(REPO, sha)
+
+    unsynced_marker(blob).touch()  # intact: the flush finished but its marker was not removed
+    requests = sum(hub.stats.requests.values())
+    after = ModelCache(tmp_path / "cache", shared=[])  # as the next start of the server
+    assert after.lookup(REPO, REPO) is not None
+    assert not unsynced_marker(blob).exists()
+    assert sum(hub.stats.requests.values()) == requests  # no network
+
+    unsynced_marker(blob).touch()  # lost: the file's size survived, its data did not
+    blob.write_bytes(bytes(4 * MiB))
+    after = ModelCache(tmp_path / "cache", shared=[])
+    assert after.lookup(REPO, REPO) is None
+    assert not blob.exists()
+    assert not unsynced_marker(blob).exists()
+    again = Puller(after, fast_tuning())
+    model = await again.pull(parse_ref(REPO))
+    await again.durable()
+    assert sum(hub.stats.requests.values()) > requests  # fetched again
+    assert sha256_of(after.snapshot_path(REPO, model.commit, model.files[0].path)) == sha
+    assert not unsynced_marker(blob).exists()
 
 
 @pytest.mark.parametrize(
@@ -278,10 +326,13 @@ async def test_cli_list_rm_gc(hub: FakeHub, tmp_path: Path) -> None:
     assert [(r["model"], r["size_bytes"]) for r in rows] == [(REPO, 1 * MiB)]
     stray = tmp_path / "cache" / f"models--{REPO.replace('/', '--')}" / "blobs" / ("0" * 64)
     stray.write_bytes(b"x" * 100)
+    orphan = stray.with_name("1" * 64 + UNSYNCED_SUFFIX)  # the marker of a download long gone
+    orphan.touch()
     gc = await _cli("gc", env=env)
     out, _ = await gc.communicate()
     assert b"freed 100 B" in out
     assert not stray.exists()
+    assert not orphan.exists()
     rm = await _cli("rm", REPO, env=env)
     await rm.communicate()
     assert rm.returncode == 0

@@ -10,22 +10,38 @@
 we pulled, and a blob another tool put in the standard HF cache (``HF_HUB_CACHE``) is linked in
 instead of downloaded again. Every path is built from validated parts (``refs.safe_relative_path``)
 and checked to stay under its repo folder.
+
+A freshly downloaded blob is flushed to the disk in the background; until then a
+``<blob>.tabagent-unsynced`` marker sits beside it. :meth:`ModelCache.settle` hashes a blob that
+still has one (after a crash or a power cut) before it is used: a blob whose name is its hash
+proves itself, and one the disk lost is deleted, so the pull fetches it again.
 """
 
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
+import logging
 import os
 import shutil
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from tabagent.errors import BadRequest
-from tabagent.models.downloader import PARTIAL_SUFFIX, STATE_SUFFIX
+from tabagent.models.downloader import (
+    PARTIAL_SUFFIX,
+    STATE_SUFFIX,
+    UNSYNCED_SUFFIX,
+    make_durable,
+    unsynced_marker,
+)
 from tabagent.models.refs import check_repo_id, safe_relative_path
+
+log = logging.getLogger(__name__)
 
 MANIFEST = ".tabagent/manifest.json"
 
@@ -51,6 +67,18 @@ class CachedModel:
         return sum(f.size for f in self.files)
 
 
+def blob_digest(path: Path, blob: str) -> str:
+    """The hash a blob is named by: sha256 for LFS files, git's blob sha1 (40 digits) otherwise."""
+    if len(blob) == 40:
+        digest = hashlib.sha1(f"blob {path.stat().st_size}\0".encode(), usedforsecurity=False)
+    else:
+        digest = hashlib.sha256()
+    with path.open("rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
 def default_hf_cache() -> Path:
     if "HF_HUB_CACHE" in os.environ:
         return Path(os.environ["HF_HUB_CACHE"])
@@ -66,6 +94,9 @@ class ModelCache:
         self.shared = [
             p for p in (shared if shared is not None else [default_hf_cache()]) if p != root
         ]
+        # blobs this process is flushing right now: their markers are expected, not a crash's
+        self.syncing: set[Path] = set()
+        self._settle_lock = threading.Lock()
 
     # ---- layout ----
 
@@ -88,10 +119,29 @@ class ModelCache:
             raise BadRequest(f"{path!r} leaves the snapshot", code="unsafe_path")
         return target
 
+    def settle(self, path: Path) -> bool:
+        """Whether the blob at ``path`` may be used: a blob left unsynced by a crash or a power
+        cut is hashed; if it matches its name it is flushed and kept, else it is deleted."""
+        marker = unsynced_marker(path)
+        if not marker.exists() or path in self.syncing:
+            return path.is_file()
+        with self._settle_lock:  # one hash per blob, even when several lookups find it
+            if not marker.exists():
+                return path.is_file()
+            if not path.is_file():
+                return False  # a download in progress, or one that never finished
+            if blob_digest(path, path.name) == path.name:
+                make_durable(path)
+                return True
+            log.warning("%s did not survive an interrupted flush to the disk: deleted", path)
+            path.unlink(missing_ok=True)
+            marker.unlink(missing_ok=True)
+            return False
+
     def find_blob(self, repo_id: str, blob: str, size: int) -> Path | None:
         """Our blob, or one another Hugging Face tool downloaded (linked into ours)."""
         ours = self.blob_path(repo_id, blob)
-        if ours.is_file() and ours.stat().st_size == size:
+        if ours.is_file() and ours.stat().st_size == size and self.settle(ours):
             return ours
         for root in self.shared:
             theirs = self.repo_dir(repo_id, root) / "blobs" / blob.lower()
@@ -183,6 +233,8 @@ class ModelCache:
             snap = self.snapshot_path(repo_id, entry.commit, f.path)
             if not (blob.is_file() and blob.stat().st_size == f.size and snap.exists()):
                 return None
+            if not self.settle(blob):
+                return None
         return entry
 
     def touch(self, ref: str, repo_id: str) -> None:
@@ -229,11 +281,17 @@ class ModelCache:
             return 0
         now = time.time()
         for blob in blobs.iterdir():
+            if blob.name.endswith(UNSYNCED_SUFFIX):
+                owner = blob.with_name(blob.name.removesuffix(UNSYNCED_SUFFIX))
+                if not owner.exists() and not owner.with_name(owner.name + PARTIAL_SUFFIX).exists():
+                    blob.unlink(missing_ok=True)  # its download was deleted or never finished
+                continue
             partial = blob.name.endswith((PARTIAL_SUFFIX, STATE_SUFFIX))
             stale = partial and now - blob.stat().st_mtime > stale_partials
             if (not partial and blob.name not in used) or stale:
                 freed += blob.stat().st_size
                 blob.unlink()
+                unsynced_marker(blob).unlink(missing_ok=True)
         for snapshot in (repo / "snapshots").glob("*/**/*"):
             if snapshot.is_symlink() and not snapshot.exists():
                 snapshot.unlink()

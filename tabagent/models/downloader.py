@@ -14,8 +14,12 @@ Design (why it beats a fixed N-part split such as Ollama's 16 parts):
 * **Verification without a second pass.** The sha256 follows the contiguous prefix of the file
   while parts land (from the page cache, overlapped with the network); when the last part is
   in, only the tail is left to hash. A mismatch deletes the data and says so.
-* **Visible only when whole.** The blob appears under its final name by an atomic rename, after
-  verification.
+* **Visible only when whole, durable soon after.** The blob appears under its final name by an
+  atomic rename, after verification, and is usable at once. Its flush to the disk (fsync)
+  comes after, off the critical path: :func:`make_durable`, which the caller runs in the
+  background. Until then ``<blob>.tabagent-unsynced`` sits beside the blob (made durable before
+  the first byte is written); a blob found with one after a crash or a power cut is hashed again
+  before use (``ModelCache.settle``), so data the disk lost is never served as whole.
 * **Fallback.** A server that ignores ``Range`` (200 instead of 206) gets one plain stream.
 """
 
@@ -42,13 +46,14 @@ log = logging.getLogger(__name__)
 MiB = 1024 * 1024
 PARTIAL_SUFFIX = ".tabagent-partial"
 STATE_SUFFIX = ".tabagent-parts.json"
+UNSYNCED_SUFFIX = ".tabagent-unsynced"  # beside a blob whose data may not be on the disk yet
 _WRITE_BLOCK = 512 * 1024  # reads are gathered into writes of this size
 _MAX_IOV = 64  # reads per gathered write, well under every platform's IOV_MAX
 # The part state is saved after this much new data (or this long): a killed process re-fetches
 # at most about this much.
 _STATE_EVERY_BYTES = 4 * MiB
 # Written data is flushed to the disk in the background every this many bytes, so the fsync
-# before the final rename has little left to do.
+# after the download has little left to do and dirty pages never pile up.
 _FLUSH_EVERY_BYTES = 64 * MiB
 _STATE_EVERY = 0.5
 
@@ -261,6 +266,7 @@ class _Download:
         self.counters.resumed_bytes = self._written
         flags = os.O_RDWR | os.O_CREAT | getattr(os, "O_BINARY", 0)
         try:
+            _mark_unsynced(self.dest)
             self.fd = os.open(self.partial, flags, 0o644)
             if not resumed:
                 _preallocate(self.fd, self.remote.size, self.partial)
@@ -271,7 +277,6 @@ class _Download:
                 await self._transfer()
             await self._hash_upto(self.remote.size)
             self._verify()
-            await asyncio.to_thread(os.fsync, self.fd)
         except (ChecksumMismatch, DiskError):
             raise  # nothing worth resuming: the data was deleted
         except BaseException:
@@ -283,7 +288,7 @@ class _Download:
             if self._background:  # a state save or flush still running on this descriptor
                 await asyncio.gather(*self._background, return_exceptions=True)
             os.close(self.fd)
-        os.replace(self.partial, self.dest)
+        os.replace(self.partial, self.dest)  # usable now; durable once make_durable has run
         self.state_path.unlink(missing_ok=True)
         self.counters.seconds = time.monotonic() - started
         return self.counters
@@ -295,6 +300,7 @@ class _Download:
         if actual != self.remote.sha256.lower():
             self.partial.unlink(missing_ok=True)
             self.state_path.unlink(missing_ok=True)
+            unsynced_marker(self.dest).unlink(missing_ok=True)
             raise ChecksumMismatch(
                 f"{self.remote.name}: the downloaded data does not match the Hub's sha256 "
                 f"(expected {self.remote.sha256[:12]}…, got {actual[:12]}…); it was deleted, "
@@ -580,12 +586,10 @@ def _preallocate(fd: int, size: int, path: Path) -> None:
 
 
 def _disk_error(exc: OSError, path: Path, size: int) -> TabAgentError:
-    with contextlib.suppress(OSError):
-        path.unlink(missing_ok=True)
-    with contextlib.suppress(OSError):
-        path.with_name(path.name.removesuffix(PARTIAL_SUFFIX) + STATE_SUFFIX).unlink(
-            missing_ok=True
-        )
+    blob = path.name.removesuffix(PARTIAL_SUFFIX)
+    for leftover in (path, *(path.with_name(blob + s) for s in (STATE_SUFFIX, UNSYNCED_SUFFIX))):
+        with contextlib.suppress(OSError):
+            leftover.unlink(missing_ok=True)
     if exc.errno == errno.ENOSPC:
         return DiskError(
             f"not enough disk space in {path.parent} for {size / MiB:.0f} MiB; "
@@ -601,6 +605,45 @@ def _disk_error(exc: OSError, path: Path, size: int) -> TabAgentError:
     return DiskError(f"cannot write {path}: {exc.strerror or exc}")
 
 
+def unsynced_marker(blob: Path) -> Path:
+    return blob.with_name(blob.name + UNSYNCED_SUFFIX)
+
+
+def _mark_unsynced(dest: Path) -> None:
+    """Say, durably and before any data is written, that ``dest`` is not yet on the disk.
+
+    The folder is synced only here, while no data of ours is dirty, so it costs one small
+    journal commit; the rename that later makes the blob visible cannot outlive this entry."""
+    marker = unsynced_marker(dest)
+    if marker.exists():
+        return
+    marker.touch()
+    _sync_folder(dest.parent)
+
+
+def _sync_folder(folder: Path) -> None:
+    with contextlib.suppress(OSError, AttributeError):  # not every platform syncs a folder
+        fd = os.open(folder, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+def make_durable(blob: Path) -> None:
+    """Flush a downloaded blob to the disk, then drop its unsynced marker (blocking)."""
+    try:
+        fd = os.open(blob, os.O_RDWR | getattr(os, "O_BINARY", 0))  # Windows syncs writers only
+    except FileNotFoundError:  # removed meanwhile: nothing to make durable
+        unsynced_marker(blob).unlink(missing_ok=True)
+        return
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    unsynced_marker(blob).unlink(missing_ok=True)
+
+
 async def download(
     session: aiohttp.ClientSession,
     remote: RemoteFile,
@@ -610,7 +653,9 @@ async def download(
     headers: dict[str, str] | None = None,
     progress: ProgressFn | None = None,
 ) -> Counters:
-    """Fetch ``remote`` into ``dest`` (atomically, verified); resumes a previous attempt."""
+    """Fetch ``remote`` into ``dest`` (atomically, verified); resumes a previous attempt.
+
+    ``dest`` is usable on return; run :func:`make_durable` on it (in a thread) to flush it."""
     job = _Download(session, remote, dest, tuning or Tuning(), dict(headers or {}), progress)
     counters = await job.run()
     log.info(
@@ -637,10 +682,13 @@ def new_session(connections: int = 16, token: str | None = None) -> aiohttp.Clie
 
 
 __all__ = [
+    "UNSYNCED_SUFFIX",
     "Counters",
     "RemoteFile",
     "Tuning",
     "download",
+    "make_durable",
     "new_session",
     "plan_parts",
+    "unsynced_marker",
 ]

@@ -9,7 +9,7 @@ in the cache. The bytes come from our parallel downloader.
 from __future__ import annotations
 
 import asyncio
-import hashlib
+import logging
 import os
 import urllib.parse
 from collections.abc import Callable
@@ -18,9 +18,19 @@ from pathlib import Path
 from typing import Literal
 
 from tabagent.errors import BadRequest, NotFound, ServiceUnavailable
-from tabagent.models.cache import CachedFile, CachedModel, ModelCache
-from tabagent.models.downloader import Counters, RemoteFile, Tuning, download, new_session
+from tabagent.models.cache import CachedFile, CachedModel, ModelCache, blob_digest
+from tabagent.models.downloader import (
+    Counters,
+    RemoteFile,
+    Tuning,
+    download,
+    make_durable,
+    new_session,
+    unsynced_marker,
+)
 from tabagent.models.refs import ModelRef, choose_files, safe_relative_path
+
+log = logging.getLogger(__name__)
 
 DEFAULT_ENDPOINT = "https://huggingface.co"
 
@@ -111,17 +121,10 @@ def _model_info(ref: ModelRef, endpoint: str, token: str | None) -> _Listing:
 
 async def _check_git_blob(dest: Path, blob_id: str, name: str) -> None:
     """Small (non-LFS) files carry git's blob sha1 instead of a sha256."""
-    if await asyncio.to_thread(_git_blob_sha1, dest) != blob_id:
+    if await asyncio.to_thread(blob_digest, dest, blob_id) != blob_id:
         await asyncio.to_thread(dest.unlink, missing_ok=True)
+        await asyncio.to_thread(unsynced_marker(dest).unlink, missing_ok=True)
         raise BadRequest(f"{name}: content does not match the Hub's hash", code="checksum_mismatch")
-
-
-def _git_blob_sha1(path: Path) -> str:
-    digest = hashlib.sha1(f"blob {path.stat().st_size}\0".encode(), usedforsecurity=False)
-    with path.open("rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 class Puller:
@@ -137,6 +140,26 @@ class Puller:
         self.tuning = tuning or Tuning()
         self.counters: list[Counters] = []
         self._on_file = on_file
+        self._flushing: set[asyncio.Future[None]] = set()
+
+    def _flush_later(self, blob: Path) -> None:
+        """Flush a new blob to the disk in the background: the model is usable meanwhile."""
+        self.cache.syncing.add(blob)
+        future = asyncio.get_running_loop().run_in_executor(None, make_durable, blob)
+        self._flushing.add(future)
+
+        def done(f: asyncio.Future[None]) -> None:
+            self._flushing.discard(f)
+            self.cache.syncing.discard(blob)
+            if not f.cancelled() and f.exception() is not None:  # the marker stays: re-hashed
+                log.warning("could not flush %s to the disk: %s", blob, f.exception())
+
+        future.add_done_callback(done)
+
+    async def durable(self) -> None:
+        """Wait until every blob this puller downloaded is on the disk."""
+        while self._flushing:
+            await asyncio.gather(*self._flushing, return_exceptions=True)
 
     async def pull(
         self, ref: ModelRef, on_event: EventFn | None = None, refresh: bool = False
@@ -189,6 +212,7 @@ class Puller:
                     self._on_file(counters)
                     if sha256 is None and blob_id:
                         await _check_git_blob(dest, blob_id, path)
+                    self._flush_later(dest)
                 done[path] = size
                 emit(PullEvent("file_done", key, file=path, done=sum(done.values()), total=total))
                 await asyncio.to_thread(
