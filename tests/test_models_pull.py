@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 
 from tabagent.errors import BadRequest, ChecksumMismatch
+from tabagent.ml.orchestrator import pulled_specs
 from tabagent.models.cache import ModelCache
 from tabagent.models.downloader import UNSYNCED_SUFFIX, Tuning, unsynced_marker
 from tabagent.models.pull import Puller
@@ -146,6 +147,7 @@ async def test_a_blob_whose_flush_a_power_cut_interrupted_is_checked_before_use(
     unsynced_marker(blob).touch()  # intact: the flush finished but its marker was not removed
     requests = sum(hub.stats.requests.values())
     after = ModelCache(tmp_path / "cache", shared=[])  # as the next start of the server
+    assert [spec.id for spec in pulled_specs(after)] == [REPO]
     assert after.lookup(REPO, REPO) is not None
     assert not unsynced_marker(blob).exists()
     assert sum(hub.stats.requests.values()) == requests  # no network
@@ -153,6 +155,7 @@ async def test_a_blob_whose_flush_a_power_cut_interrupted_is_checked_before_use(
     unsynced_marker(blob).touch()  # lost: the file's size survived, its data did not
     blob.write_bytes(bytes(4 * MiB))
     after = ModelCache(tmp_path / "cache", shared=[])
+    assert [spec.id for spec in pulled_specs(after)] == []  # the server never loads it
     assert after.lookup(REPO, REPO) is None
     assert not blob.exists()
     assert not unsynced_marker(blob).exists()

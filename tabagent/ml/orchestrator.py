@@ -104,10 +104,12 @@ def embedded_models() -> list[ModelSpec]:
 
 
 def pulled_specs(cache: ModelCache) -> list[ModelSpec]:
-    """The catalog entries of every usable model pulled into ``cache``."""
+    """The catalog entries of every usable model pulled into ``cache`` (a blob whose flush to
+    the disk a crash interrupted is checked first: one the disk lost is left out)."""
     from tabagent.models.pull import model_paths
 
-    specs = (cached_spec(model, model_paths(cache, model)) for model in cache.models())
+    models = (model for model in cache.models() if cache.intact(model))
+    specs = (cached_spec(model, model_paths(cache, model)) for model in models)
     return [spec for spec in specs if spec is not None]
 
 

@@ -233,9 +233,11 @@ class ModelCache:
             snap = self.snapshot_path(repo_id, entry.commit, f.path)
             if not (blob.is_file() and blob.stat().st_size == f.size and snap.exists()):
                 return None
-            if not self.settle(blob):
-                return None
-        return entry
+        return entry if self.intact(entry) else None
+
+    def intact(self, model: CachedModel) -> bool:
+        """Whether every blob of ``model`` may be used (see :meth:`settle`)."""
+        return all(self.settle(self.blob_path(model.repo_id, f.blob)) for f in model.files)
 
     def touch(self, ref: str, repo_id: str) -> None:
         data = self._read_manifest(repo_id)

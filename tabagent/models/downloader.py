@@ -266,7 +266,7 @@ class _Download:
         self.counters.resumed_bytes = self._written
         flags = os.O_RDWR | os.O_CREAT | getattr(os, "O_BINARY", 0)
         try:
-            _mark_unsynced(self.dest)
+            await asyncio.to_thread(_mark_unsynced, self.dest)  # syncs a folder: off the loop
             self.fd = os.open(self.partial, flags, 0o644)
             if not resumed:
                 _preallocate(self.fd, self.remote.size, self.partial)
