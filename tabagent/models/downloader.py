@@ -447,7 +447,7 @@ class _Download:
                     _raise_for_status(response.status, self.remote.name)
                     raise _Retryable(f"expected 206, got {response.status}")
                 while part.remaining - pending > 0:
-                    data = await response.content.read(_WRITE_BLOCK)
+                    data, _ = await response.content.readchunk()  # as received: no join
                     if not data:
                         raise _Retryable("connection closed mid-part")
                     reads.append(data)
