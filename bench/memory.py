@@ -17,8 +17,10 @@ are also timed until the index holds them all, beside the inline FTS5 trigger:
 2. acknowledged single writes: one message per call, each awaited, from one task in sequence
    and from 64 concurrent tasks (what a busy server does); raw: one INSERT + COMMIT each;
 3. reads by id at random over the rows written above: ``ConversationStore.message`` (sync, this
-   thread's reader connection), ``messages_by_id`` in batches of 100, ``Memory.message``
-   awaited; raw: ``SELECT ... WHERE id = ?`` (and ``IN`` for batches), tuples, no models;
+   thread's reader connection, which keeps its read transaction open while nothing is
+   committed), ``messages_by_id`` in batches of 100, ``Memory.message`` awaited; raw:
+   ``SELECT ... WHERE id = ?`` (and ``IN`` for batches), tuples, no models, each read its own
+   transaction, and beside it the same reads inside one read transaction (the ceiling);
 4. search at 100,000 messages (quick: 10,000): 200 queries, top-10, one at a time.
 
 Rates are medians of 3 rounds (quick: 2) of 100,000 batched / 10,000 single writes (quick:
@@ -250,6 +252,15 @@ def _raw_reads(conn: sqlite3.Connection, ids: Sequence[int]) -> float:
     return len(ids) / (time.perf_counter() - start)
 
 
+def _raw_reads_one_txn(conn: sqlite3.Connection, ids: Sequence[int]) -> float:
+    """The same reads inside one read transaction: the ceiling of any read by id here."""
+    conn.execute("BEGIN")
+    try:
+        return _raw_reads(conn, ids)
+    finally:
+        conn.execute("COMMIT")
+
+
 def _raw_reads_in(conn: sqlite3.Connection, batches: Sequence[Sequence[int]]) -> float:
     start = time.perf_counter()
     for ids in batches:
@@ -394,6 +405,7 @@ async def _writes_and_reads(tmp: Path, quick: bool) -> tuple[list[tuple[str, lis
         for _ in range(rounds):
             measured = {
                 "raw": _raw_reads(raw_fts, raw_ids),
+                "raw_txn": _raw_reads_one_txn(raw_fts, raw_ids),
                 "raw_in": _raw_reads_in(raw_fts, raw_batches),
                 "one": _store_reads(memory.conversations, ids),
                 "many": _store_reads_in(memory.conversations, id_batches),
@@ -406,6 +418,7 @@ async def _writes_and_reads(tmp: Path, quick: bool) -> tuple[list[tuple[str, lis
         r_one, r_in = m["raw"], m["raw_in"]
         reads = [
             Row("raw sqlite3 SELECT WHERE id = ?", r_one, baseline=r_one),
+            Row("  ... all in one read transaction", m["raw_txn"], baseline=r_one),
             Row("ConversationStore.message (sync)", m["one"], baseline=r_one),
             Row(f"raw sqlite3 WHERE id IN ({ID_BATCH} ids)", r_in, baseline=r_in),
             Row(f"ConversationStore.messages_by_id({ID_BATCH})", m["many"], baseline=r_in),

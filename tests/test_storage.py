@@ -331,6 +331,49 @@ def test_reads_by_id_see_every_commit_from_any_thread_and_after_a_reopen(
         db.close()
 
 
+def test_a_kept_read_snapshot_never_hides_a_commit_nor_holds_the_wal(tmp_path: Path) -> None:
+    """Reads by id keep their thread's read transaction open between calls. A read after a
+    commit still sees it, even when the commit came while that reader was busy; a reader that
+    then sits idle does not stop a checkpoint from emptying the WAL; a read inside the
+    thread's own snapshot() stays in that snapshot."""
+    db = open_db(tmp_path / "conversations.db")
+    store = ConversationStore(db)
+    reader = concurrent.futures.ThreadPoolExecutor(1)  # one long-lived reading thread
+    try:
+        with db.transaction() as conn:
+            (first,) = store.append(conn, "c", [user("first")], create=True)
+        assert reader.submit(store.message, first.id).result().content == "first"
+        (kept,) = db._readers
+        assert kept.snapshot == db.commits  # the snapshot outlives the call
+
+        with kept.lock:  # the reader is busy when the next commit lands: its snapshot stays
+            with db.transaction() as conn:
+                (second,) = store.append(conn, "c", [user("second")])
+            assert kept.snapshot is not None
+            assert kept.snapshot != db.commits
+        assert reader.submit(store.message, second.id).result().content == "second"
+
+        with db.transaction() as conn:  # the reader is idle: the commit ends its snapshot
+            store.append(conn, "c", [user(f"more {i}") for i in range(200)])
+        assert kept.snapshot is None
+        busy, _, _ = db.writer.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()
+        assert busy == 0
+        assert (tmp_path / "conversations.db-wal").stat().st_size == 0
+
+        def inside_a_snapshot() -> tuple[bool, str]:
+            with db.snapshot():
+                assert store.message(first.id).content == "first"  # the snapshot begins here
+                with db.transaction() as conn:  # committed after the snapshot began
+                    (late,) = store.append(conn, "c", [user("late")])
+                hidden = late.id not in store.messages_by_id([first.id, late.id])
+            return hidden, store.message(late.id).content
+
+        assert reader.submit(inside_a_snapshot).result() == (True, "late")
+    finally:
+        reader.shutdown()
+        db.close()
+
+
 def test_append_returns_the_stored_messages_even_after_the_newest_was_deleted(
     db: Database, store: ConversationStore
 ) -> None:

@@ -308,24 +308,23 @@ class ConversationStore:
         self, conversation_id: str, *, limit: int = 1000, after_id: int = 0, newest: bool = False
     ) -> list[Message]:
         """Messages in order; ``newest`` takes the last ``limit`` (still returned oldest first)."""
-        conn = self.db.tuples()
         if newest:
-            rows = conn.execute(
+            rows = self.db.fetch_all(
                 f"SELECT {_MESSAGE_COLUMNS} FROM messages WHERE conversation_id = ? AND id > ?"
                 " ORDER BY id DESC LIMIT ?",
                 (conversation_id, after_id, limit),
-            ).fetchall()
+            )
             rows.reverse()
         else:
-            rows = conn.execute(
+            rows = self.db.fetch_all(
                 f"SELECT {_MESSAGE_COLUMNS} FROM messages WHERE conversation_id = ? AND id > ?"
                 " ORDER BY id LIMIT ?",
                 (conversation_id, after_id, limit),
-            ).fetchall()
+            )
         return [_message(r) for r in rows]
 
     def message(self, message_id: int) -> Message:
-        row = self.db.tuples().execute(_MESSAGE_BY_ID, (message_id,)).fetchone()
+        row = self.db.fetch_one(_MESSAGE_BY_ID, (message_id,))
         if row is None:
             raise NotFound(f"no message {message_id}", code="message_not_found")
         return _message(row)
@@ -334,10 +333,8 @@ class ConversationStore:
         if not ids:
             return {}
         marks = ",".join("?" * len(ids))
-        rows = (
-            self.db.tuples()
-            .execute(f"SELECT {_MESSAGE_COLUMNS} FROM messages WHERE id IN ({marks})", tuple(ids))
-            .fetchall()
+        rows = self.db.fetch_all(
+            f"SELECT {_MESSAGE_COLUMNS} FROM messages WHERE id IN ({marks})", tuple(ids)
         )
         return {r[0]: _message(r) for r in rows}
 

@@ -13,6 +13,15 @@ also sets ``PRAGMA user_version``, so a crash mid-migration leaves the previous 
 
 Writes go through :meth:`Database.transaction` (one writer at a time, serialised by a lock);
 reads through :meth:`Database.reader`, a connection per thread opened read-only.
+
+Hot reads (:meth:`Database.fetch_one`, :meth:`Database.fetch_all`: messages by id) keep their
+thread's read transaction open from one call to the next while nothing was committed: half the
+cost of a read by id in WAL mode is beginning and ending its transaction (two ``fcntl`` locks on
+the shared-memory index). Each commit counts itself (``Database.commits``) before it returns, so
+a read after an acknowledged write always starts a new snapshot; and each commit also ends the
+kept snapshots of readers that sit idle, so an idle thread never holds the WAL back from a
+checkpoint. All commits to a database happen in this process, through :meth:`transaction` (the
+server holds the databases for itself; the ``db`` commands need it stopped).
 """
 
 from __future__ import annotations
@@ -23,6 +32,7 @@ import sqlite3
 import threading
 from collections.abc import Iterator, Sequence
 from pathlib import Path
+from typing import Any
 
 from tabagent.errors import SchemaTooNew, StorageError
 
@@ -40,6 +50,25 @@ def tuple_cursor(conn: sqlite3.Connection) -> sqlite3.Cursor:
 READ_MMAP_BYTES = 256 * 1024 * 1024  # address space per reader, not memory
 
 
+class _Reader:
+    """One thread's read-only connection, its tuple cursor, and the snapshot it keeps open."""
+
+    __slots__ = ("attached", "conn", "cursor", "lock", "snapshot")
+
+    def __init__(self, conn: sqlite3.Connection) -> None:
+        self.conn = conn
+        self.cursor = tuple_cursor(conn)
+        self.attached: dict[str, Path] = {}
+        self.lock = threading.Lock()  # its thread while reading; a commit ending the snapshot
+        self.snapshot: int | None = None  # the commit count its open read transaction saw
+
+    def end_snapshot(self) -> None:
+        """End the kept read transaction (with ``lock`` held)."""
+        if self.snapshot is not None:
+            self.conn.execute("COMMIT")
+            self.snapshot = None  # only once ended: a failed COMMIT is retried by the next read
+
+
 class Database:
     def __init__(
         self, path: Path, migrations: Sequence[str], *, durable: bool = False, name: str = ""
@@ -50,8 +79,9 @@ class Database:
         self._synchronous = "FULL" if durable else "NORMAL"
         self._lock = threading.RLock()
         self._local = threading.local()
-        self._readers: list[sqlite3.Connection] = []
+        self._readers: list[_Reader] = []
         self._readers_lock = threading.Lock()
+        self.commits = 0  # counted by every commit, before it returns
         self._writer: sqlite3.Connection | None = None
         self._attached: dict[str, Path] = {}  # schema name -> file, in every reader
 
@@ -72,7 +102,9 @@ class Database:
     def close(self) -> None:
         with self._readers_lock:
             for reader in self._readers:
-                reader.close()
+                with reader.lock:
+                    reader.snapshot = None
+                    reader.conn.close()
             self._readers.clear()
         self._local = threading.local()
         with self._lock:
@@ -119,7 +151,6 @@ class Database:
                     conn.execute(f"DETACH DATABASE {schema}")
                 uri = f"{path.resolve().as_uri()}?mode=ro"
                 conn.execute(f"ATTACH DATABASE ? AS {schema}", (uri,))
-        self._local.attached = self._attached
 
     def _migrate(self, conn: sqlite3.Connection) -> int:
         current = conn.execute("PRAGMA user_version").fetchone()[0]
@@ -169,6 +200,20 @@ class Database:
                 conn.execute("ROLLBACK")
                 raise
             conn.execute("COMMIT")
+            self.commits += 1  # before the caller hears of it: its next read sees the commit
+            self._end_idle_snapshots()
+
+    def _end_idle_snapshots(self) -> None:
+        """End the snapshots readers keep between reads, except where a read is under way
+        (that reader starts a new one at its next read, as the commit count has moved)."""
+        for reader in self._readers:  # appended to only; a reader added meanwhile has none
+            if reader.snapshot is not None and reader.lock.acquire(blocking=False):
+                try:
+                    reader.end_snapshot()
+                except sqlite3.Error as exc:  # never the committed write's failure
+                    log.debug("%s: a kept snapshot stays until its next read: %s", self.name, exc)
+                finally:
+                    reader.lock.release()
 
     @contextlib.contextmanager
     def savepoint(self, conn: sqlite3.Connection) -> Iterator[None]:
@@ -182,30 +227,59 @@ class Database:
             raise
         conn.execute("RELEASE unit")
 
-    def reader(self) -> sqlite3.Connection:
-        """This thread's read-only connection (each statement sees one committed snapshot)."""
-        conn: sqlite3.Connection | None = getattr(self._local, "conn", None)
-        if conn is None:
+    def _reader(self) -> _Reader:
+        """This thread's reader, made on first use and kept in step with :meth:`attach`."""
+        reader: _Reader | None = getattr(self._local, "reader", None)
+        if reader is None:
             if self._writer is None:
                 raise StorageError(f"{self.name} is not open", code="storage_closed")
-            conn = self._connect(readonly=True)
-            self._local.conn = conn
-            self._local.attached = {}
+            reader = self._local.reader = _Reader(self._connect(readonly=True))
             with self._readers_lock:
-                self._readers.append(conn)
-        if self._local.attached is not self._attached:
-            self._attach_to(conn, self._local.attached)
-        return conn
+                self._readers.append(reader)
+        if reader.attached is not self._attached:
+            with reader.lock:
+                reader.end_snapshot()  # ATTACH needs no transaction open
+                self._attach_to(reader.conn, reader.attached)
+                reader.attached = self._attached
+        return reader
 
-    def tuples(self) -> sqlite3.Cursor:
-        """This thread's reader as a cursor of plain tuples, made once per thread and reused
-        (a new cursor per call costs a tenth of a read by id). Only for a statement whose rows
-        are all fetched (``fetchone``, ``fetchall``) before the next use on the same thread."""
-        local = self._local
-        cursor: sqlite3.Cursor | None = getattr(local, "tuples", None)
-        if cursor is None or local.attached is not self._attached:
-            cursor = local.tuples = tuple_cursor(self.reader())
-        return cursor
+    def reader(self) -> sqlite3.Connection:
+        """This thread's read-only connection (each statement sees one committed snapshot)."""
+        reader = self._reader()
+        if reader.snapshot is not None:  # leave the kept snapshot: this read must be current
+            with reader.lock:
+                reader.end_snapshot()
+        return reader.conn
+
+    def fetch_one(self, sql: str, params: Sequence[object] = ()) -> tuple[Any, ...] | None:
+        """The first row of a query of this database's own tables, as a plain tuple, in the
+        snapshot this thread keeps open while nothing is committed (see the module's notes)."""
+        reader: _Reader | None = getattr(self._local, "reader", None)  # _reader(), inlined
+        if reader is None or reader.attached is not self._attached:
+            reader = self._reader()
+        with reader.lock:
+            if reader.snapshot != self.commits:
+                self._renew(reader)
+            row: tuple[Any, ...] | None = reader.cursor.execute(sql, params).fetchone()
+            return row
+
+    def fetch_all(self, sql: str, params: Sequence[object] = ()) -> list[tuple[Any, ...]]:
+        """Every row of a query, as :meth:`fetch_one`."""
+        reader = self._reader()
+        with reader.lock:
+            if reader.snapshot != self.commits:
+                self._renew(reader)
+            rows: list[tuple[Any, ...]] = reader.cursor.execute(sql, params).fetchall()
+            return rows
+
+    def _renew(self, reader: _Reader) -> None:
+        """A new kept snapshot for ``reader``, as something was committed since its last."""
+        commits = self.commits  # read first: a commit after it only makes the next read renew
+        if reader.snapshot is None and reader.conn.in_transaction:
+            return  # inside this thread's snapshot(): read in that transaction
+        reader.end_snapshot()
+        reader.cursor.execute("BEGIN")
+        reader.snapshot = commits
 
     @contextlib.contextmanager
     def snapshot(self) -> Iterator[sqlite3.Connection]:
