@@ -301,9 +301,7 @@ def _models_component(models: ModelService) -> Callable[[web.Application], Async
 
     async def lifetime(app: web.Application) -> AsyncIterator[None]:
         yield
-        try:
-            await asyncio.wait_for(models.puller.durable(), timeout=FLUSH_AT_EXIT_S)
-        except TimeoutError:
+        if not await models.puller.durable(within=FLUSH_AT_EXIT_S):
             log.warning("downloads still flushing to the disk at exit: checked at the next use")
 
     return lifetime

@@ -93,7 +93,7 @@ def models_group(settings_of: Any) -> click.Group:
                     progress.update(tasks["total"], completed=event.done)
 
             started = time.monotonic()
-            seconds = 0.0
+            seconds = 0.0  # until the model is complete; set once it is
 
             async def pull_and_flush() -> CachedModel:
                 nonlocal seconds
@@ -110,7 +110,14 @@ def models_group(settings_of: Any) -> click.Group:
                 _fail(exc)
             except KeyboardInterrupt:
                 progress.stop()
-                click.echo("interrupted: run the same pull again to resume", err=True)
+                if seconds:
+                    click.echo(
+                        "interrupted while flushing to the disk: the model is complete (it is "
+                        "checked again at its next use)",
+                        err=True,
+                    )
+                else:
+                    click.echo("interrupted: run the same pull again to resume", err=True)
                 sys.exit(130)
         for path in model_paths(cache, model):
             click.echo(str(path))

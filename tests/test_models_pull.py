@@ -16,8 +16,16 @@ import pytest
 
 from tabagent.errors import BadRequest, ChecksumMismatch
 from tabagent.ml.orchestrator import pulled_specs
-from tabagent.models.cache import ModelCache
-from tabagent.models.downloader import UNSYNCED_SUFFIX, Tuning, unsynced_marker
+from tabagent.models.cache import ModelCache, blob_digest
+from tabagent.models.downloader import (
+    UNSYNCED_SUFFIX,
+    RemoteFile,
+    Tuning,
+    download,
+    make_durable,
+    new_session,
+    unsynced_marker,
+)
 from tabagent.models.pull import Puller
 from tabagent.models.refs import parse_ref
 from tests.fakehub import FakeHub
@@ -130,6 +138,33 @@ async def test_a_pulled_blob_is_flushed_to_the_disk_after_it_is_usable(
     assert not unsynced_marker(blob).exists()
     assert not cache.syncing
     assert not [n for n in files_under(cache.root) if n.endswith(UNSYNCED_SUFFIX)]
+
+
+async def test_a_downloaded_blob_keeps_its_unsynced_marker_until_it_is_flushed(
+    hub: FakeHub, tmp_path: Path
+) -> None:
+    commit = hub.add_big_file(REPO, "model-Q4_K_M.gguf", 2 * MiB, seed=23)
+    sha = hub.file_info(REPO, "model-Q4_K_M.gguf").sha256
+    assert sha is not None
+    dest = tmp_path / "blobs" / sha
+    remote = RemoteFile(
+        f"{hub.endpoint}/{REPO}/resolve/{commit}/model-Q4_K_M.gguf", 2 * MiB, sha, "model"
+    )
+    async with new_session(4) as session:
+        await download(session, remote, dest, tuning=fast_tuning())
+    assert sha256_of(dest) == sha  # usable at once ...
+    assert unsynced_marker(dest).exists()  # ... and marked until its flush
+    make_durable(dest)
+    assert not unsynced_marker(dest).exists()
+    assert sorted(p.name for p in dest.parent.iterdir()) == [sha]
+
+
+def test_blob_digest_names_git_blobs_by_sha1_and_lfs_blobs_by_sha256(tmp_path: Path) -> None:
+    small = tmp_path / "small"
+    small.write_bytes(b"hello\n")
+    git_sha1 = "ce013625030ba8dba906f756967f9e9ca394464a"  # `git hash-object` of "hello\n"
+    assert blob_digest(small, git_sha1) == git_sha1
+    assert blob_digest(small, "0" * 64) == hashlib.sha256(b"hello\n").hexdigest()
 
 
 async def test_a_blob_whose_flush_a_power_cut_interrupted_is_checked_before_use(
@@ -331,11 +366,15 @@ async def test_cli_list_rm_gc(hub: FakeHub, tmp_path: Path) -> None:
     stray.write_bytes(b"x" * 100)
     orphan = stray.with_name("1" * 64 + UNSYNCED_SUFFIX)  # the marker of a download long gone
     orphan.touch()
+    os.utime(orphan, (0, 0))
+    starting = stray.with_name("2" * 64 + UNSYNCED_SUFFIX)  # a download about to write its data
+    starting.touch()
     gc = await _cli("gc", env=env)
     out, _ = await gc.communicate()
     assert b"freed 100 B" in out
     assert not stray.exists()
     assert not orphan.exists()
+    assert starting.exists()
     rm = await _cli("rm", REPO, env=env)
     await rm.communicate()
     assert rm.returncode == 0

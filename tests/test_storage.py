@@ -353,6 +353,37 @@ def test_a_kept_read_snapshot_never_hides_a_commit_nor_holds_the_wal(tmp_path: P
             assert kept.snapshot != db.commits
         assert reader.submit(store.message, second.id).result().content == "second"
 
+        # the same, then a plain reader() on that thread: it is current too
+        with kept.lock, db.transaction() as conn:
+            (third,) = store.append(conn, "c", [user("third")])
+
+        def plain_read() -> str:
+            sql = "SELECT content FROM messages WHERE id = ?"
+            return str(db.reader().execute(sql, (third.id,)).fetchone()[0])
+
+        assert reader.submit(plain_read).result() == "third"
+
+        at_commit: list[int | None] = []  # the reader's kept snapshot as each COMMIT starts
+
+        def trace(sql: str) -> None:
+            if sql == "COMMIT":
+                at_commit.append(kept.snapshot)
+
+        db.writer.set_trace_callback(trace)
+        try:
+            reader.submit(store.message, first.id).result()
+            assert kept.snapshot is not None
+            # ended just before COMMIT, whose checkpoint it would otherwise hold back
+            with db.transaction() as conn:
+                store.append(conn, "c", [user("fourth")])
+            with db.transaction() as conn:  # a read while a write is open keeps nothing
+                store.append(conn, "c", [user("fifth")])
+                assert reader.submit(store.message, first.id).result().content == "first"
+                assert kept.snapshot is None
+        finally:
+            db.writer.set_trace_callback(None)
+        assert at_commit == [None, None]
+
         with db.transaction() as conn:  # the reader is idle: the commit ends its snapshot
             store.append(conn, "c", [user(f"more {i}") for i in range(200)])
         assert kept.snapshot is None

@@ -44,6 +44,7 @@ from tabagent.models.refs import check_repo_id, safe_relative_path
 log = logging.getLogger(__name__)
 
 MANIFEST = ".tabagent/manifest.json"
+ORPHAN_MARKER_S = 3600  # gc deletes an unsynced marker with no blob nor download after this
 
 
 @dataclass(frozen=True)
@@ -130,12 +131,22 @@ class ModelCache:
                 return path.is_file()
             if not path.is_file():
                 return False  # a download in progress, or one that never finished
-            if blob_digest(path, path.name) == path.name:
-                make_durable(path)
+            log.info("checking %s: its flush to the disk was interrupted", path)
+            try:
+                intact = blob_digest(path, path.name) == path.name
+            except OSError as exc:  # unreadable: not usable, and not ours to delete blindly
+                log.warning("cannot check %s: %s", path, exc)
+                return False
+            if intact:
+                try:
+                    make_durable(path)
+                except OSError as exc:  # usable all the same; checked again next time
+                    log.warning("cannot flush %s to the disk: %s", path, exc)
                 return True
             log.warning("%s did not survive an interrupted flush to the disk: deleted", path)
-            path.unlink(missing_ok=True)
-            marker.unlink(missing_ok=True)
+            with contextlib.suppress(OSError):
+                path.unlink(missing_ok=True)
+                marker.unlink(missing_ok=True)
             return False
 
     def find_blob(self, repo_id: str, blob: str, size: int) -> Path | None:
@@ -285,15 +296,21 @@ class ModelCache:
         for blob in blobs.iterdir():
             if blob.name.endswith(UNSYNCED_SUFFIX):
                 owner = blob.with_name(blob.name.removesuffix(UNSYNCED_SUFFIX))
-                if not owner.exists() and not owner.with_name(owner.name + PARTIAL_SUFFIX).exists():
-                    blob.unlink(missing_ok=True)  # its download was deleted or never finished
+                orphan = (
+                    not owner.exists() and not owner.with_name(owner.name + PARTIAL_SUFFIX).exists()
+                )
+                # an hour: a download makes its marker a moment before its partial file
+                with contextlib.suppress(FileNotFoundError):  # gone with its blob, above
+                    if orphan and now - blob.stat().st_mtime > ORPHAN_MARKER_S:
+                        blob.unlink()  # its download was deleted or never finished
                 continue
             partial = blob.name.endswith((PARTIAL_SUFFIX, STATE_SUFFIX))
             stale = partial and now - blob.stat().st_mtime > stale_partials
             if (not partial and blob.name not in used) or stale:
                 freed += blob.stat().st_size
                 blob.unlink()
-                unsynced_marker(blob).unlink(missing_ok=True)
+                if not partial:
+                    unsynced_marker(blob).unlink(missing_ok=True)
         for snapshot in (repo / "snapshots").glob("*/**/*"):
             if snapshot.is_symlink() and not snapshot.exists():
                 snapshot.unlink()

@@ -267,6 +267,9 @@ class _Download:
         flags = os.O_RDWR | os.O_CREAT | getattr(os, "O_BINARY", 0)
         try:
             await asyncio.to_thread(_mark_unsynced, self.dest)  # syncs a folder: off the loop
+        except OSError as exc:  # the data of an earlier attempt stays, to resume later
+            raise _disk_error(exc, unsynced_marker(self.dest), self.remote.size) from None
+        try:
             self.fd = os.open(self.partial, flags, 0o644)
             if not resumed:
                 _preallocate(self.fd, self.remote.size, self.partial)
@@ -447,8 +450,10 @@ class _Download:
                     _raise_for_status(response.status, self.remote.name)
                     raise _Retryable(f"expected 206, got {response.status}")
                 while part.remaining - pending > 0:
-                    data, _ = await response.content.readchunk()  # as received: no join
+                    data, chunk_end = await response.content.readchunk()  # as received
                     if not data:
+                        if chunk_end:  # the end of a chunk of a chunked response: go on
+                            continue
                         raise _Retryable("connection closed mid-part")
                     reads.append(data)
                     pending += len(data)
@@ -632,8 +637,10 @@ def _sync_folder(folder: Path) -> None:
 
 def make_durable(blob: Path) -> None:
     """Flush a downloaded blob to the disk, then drop its unsynced marker (blocking)."""
+    # POSIX syncs through any descriptor (the blob may be read-only); Windows only a writer's
+    mode = os.O_RDWR | getattr(os, "O_BINARY", 0) if os.name == "nt" else os.O_RDONLY
     try:
-        fd = os.open(blob, os.O_RDWR | getattr(os, "O_BINARY", 0))  # Windows syncs writers only
+        fd = os.open(blob, mode)
     except FileNotFoundError:  # removed meanwhile: nothing to make durable
         unsynced_marker(blob).unlink(missing_ok=True)
         return

@@ -156,10 +156,15 @@ class Puller:
 
         future.add_done_callback(done)
 
-    async def durable(self) -> None:
-        """Wait until every blob this puller downloaded is on the disk."""
+    async def durable(self, within: float | None = None) -> bool:
+        """Wait until every blob this puller downloaded is on the disk, for at most ``within``
+        seconds (False: time ran out; the flushes go on, and a blob left unflushed at exit is
+        checked at its next use)."""
         while self._flushing:
-            await asyncio.gather(*self._flushing, return_exceptions=True)
+            _, pending = await asyncio.wait(set(self._flushing), timeout=within)
+            if pending:
+                return False
+        return True
 
     async def pull(
         self, ref: ModelRef, on_event: EventFn | None = None, refresh: bool = False

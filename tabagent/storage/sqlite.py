@@ -14,14 +14,17 @@ also sets ``PRAGMA user_version``, so a crash mid-migration leaves the previous 
 Writes go through :meth:`Database.transaction` (one writer at a time, serialised by a lock);
 reads through :meth:`Database.reader`, a connection per thread opened read-only.
 
-Hot reads (:meth:`Database.fetch_one`, :meth:`Database.fetch_all`: messages by id) keep their
-thread's read transaction open from one call to the next while nothing was committed: half the
-cost of a read by id in WAL mode is beginning and ending its transaction (two ``fcntl`` locks on
-the shared-memory index). Each commit counts itself (``Database.commits``) before it returns, so
-a read after an acknowledged write always starts a new snapshot; and each commit also ends the
-kept snapshots of readers that sit idle, so an idle thread never holds the WAL back from a
-checkpoint. All commits to a database happen in this process, through :meth:`transaction` (the
-server holds the databases for itself; the ``db`` commands need it stopped).
+Hot reads (:meth:`Database.fetch_one`, :meth:`Database.fetch_all`: messages by id and by
+conversation) keep their thread's read transaction open from one call to the next while nothing
+is written: half the cost of a read by id in WAL mode is beginning and ending its transaction
+(two ``fcntl`` locks on the shared-memory index). Each commit counts itself
+(``Database.commits``) before it returns, so a read after an acknowledged write always starts a
+new snapshot. No snapshot is kept across a commit, so none holds the WAL back from the
+checkpoint SQLite runs inside COMMIT: while a write transaction is open, reads end theirs as
+they finish, and just before COMMIT the kept snapshots of idle readers are ended (by the
+committing thread, under each reader's lock). All commits to a database happen in this
+process, through :meth:`transaction` (the server holds the databases for itself; the ``db``
+commands need it stopped).
 """
 
 from __future__ import annotations
@@ -82,6 +85,7 @@ class Database:
         self._readers: list[_Reader] = []
         self._readers_lock = threading.Lock()
         self.commits = 0  # counted by every commit, before it returns
+        self.writing = False  # a write transaction is open
         self._writer: sqlite3.Connection | None = None
         self._attached: dict[str, Path] = {}  # schema name -> file, in every reader
 
@@ -194,14 +198,19 @@ class Database:
                 yield conn
                 return
             conn.execute("BEGIN IMMEDIATE")
+            self.writing = True  # readers keep no snapshot now: the COMMIT may checkpoint
             try:
-                yield conn
-            except BaseException:
-                conn.execute("ROLLBACK")
-                raise
-            conn.execute("COMMIT")
-            self.commits += 1  # before the caller hears of it: its next read sees the commit
-            self._end_idle_snapshots()
+                try:
+                    yield conn
+                except BaseException:
+                    conn.execute("ROLLBACK")
+                    raise
+                self._end_idle_snapshots()  # before COMMIT: its automatic checkpoint runs in it
+                conn.execute("COMMIT")
+                self.commits += 1  # before the caller hears of it: its next read sees it
+            finally:
+                self.writing = False
+            self._end_idle_snapshots()  # a read that began before BEGIN and ended after
 
     def _end_idle_snapshots(self) -> None:
         """End the snapshots readers keep between reads, except where a read is under way
@@ -261,6 +270,8 @@ class Database:
             if reader.snapshot != self.commits:
                 self._renew(reader)
             row: tuple[Any, ...] | None = reader.cursor.execute(sql, params).fetchone()
+            if self.writing:
+                reader.end_snapshot()
             return row
 
     def fetch_all(self, sql: str, params: Sequence[object] = ()) -> list[tuple[Any, ...]]:
@@ -270,6 +281,8 @@ class Database:
             if reader.snapshot != self.commits:
                 self._renew(reader)
             rows: list[tuple[Any, ...]] = reader.cursor.execute(sql, params).fetchall()
+            if self.writing:
+                reader.end_snapshot()
             return rows
 
     def _renew(self, reader: _Reader) -> None:
