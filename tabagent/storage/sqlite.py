@@ -267,7 +267,7 @@ class Database:
         if reader is None or reader.attached is not self._attached:
             reader = self._reader()
         with reader.lock:
-            if reader.snapshot != self.commits:
+            if reader.snapshot != self.commits or self.writing:
                 self._renew(reader)
             row: tuple[Any, ...] | None = reader.cursor.execute(sql, params).fetchone()
             if self.writing:
@@ -278,7 +278,7 @@ class Database:
         """Every row of a query, as :meth:`fetch_one`."""
         reader = self._reader()
         with reader.lock:
-            if reader.snapshot != self.commits:
+            if reader.snapshot != self.commits or self.writing:
                 self._renew(reader)
             rows: list[tuple[Any, ...]] = reader.cursor.execute(sql, params).fetchall()
             if self.writing:
@@ -286,13 +286,15 @@ class Database:
             return rows
 
     def _renew(self, reader: _Reader) -> None:
-        """A new kept snapshot for ``reader``, as something was committed since its last."""
+        """A new kept snapshot for ``reader``, as something was committed since its last; none
+        while a write is open (the read then has its own transaction, as on a plain reader)."""
         commits = self.commits  # read first: a commit after it only makes the next read renew
         if reader.snapshot is None and reader.conn.in_transaction:
             return  # inside this thread's snapshot(): read in that transaction
         reader.end_snapshot()
-        reader.cursor.execute("BEGIN")
-        reader.snapshot = commits
+        if not self.writing:
+            reader.cursor.execute("BEGIN")
+            reader.snapshot = commits
 
     @contextlib.contextmanager
     def snapshot(self) -> Iterator[sqlite3.Connection]:
