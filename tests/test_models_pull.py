@@ -292,6 +292,20 @@ async def test_huggingface_hub_cache_interop(hub: FakeHub, tmp_path: Path) -> No
     await Puller(cache, fast_tuning()).pull(parse_ref(REPO))
     assert hub.stats.bytes_sent == cdn_bytes  # their blob was reused, not downloaded again
 
+    def no_hard_links(src: object, dst: object) -> None:
+        raise OSError("another file system")
+
+    with pytest.MonkeyPatch.context() as patch:  # across file systems: a copy, made whole
+        patch.setattr(os, "link", no_hard_links)
+        copied = ModelCache(tmp_path / "copied", shared=[theirs])
+        await Puller(copied, fast_tuning()).pull(parse_ref(REPO))
+    assert hub.stats.bytes_sent == cdn_bytes
+    blob = copied.blob_path(REPO, sha)
+    assert not blob.is_symlink()
+    assert blob.stat().st_ino != os.stat(path).st_ino  # not a hard link of theirs
+    assert sha256_of(blob) == sha
+    assert sorted(p.name for p in blob.parent.iterdir()) == [sha]  # no temporary name, no marker
+
     other = ModelCache(tmp_path / "fresh", shared=[])
     await Puller(other, fast_tuning()).pull(parse_ref(REPO))
     found = await asyncio.to_thread(

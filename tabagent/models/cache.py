@@ -162,8 +162,9 @@ class ModelCache:
                 tmp.unlink(missing_ok=True)
                 try:
                     os.link(theirs, tmp)  # same file system: no copy, no extra space
-                except OSError:
+                except OSError:  # another file system: a copy, on the disk before it is named
                     shutil.copyfile(theirs, tmp)
+                    make_durable(tmp)
                 os.replace(tmp, ours)
                 return ours
         return None
