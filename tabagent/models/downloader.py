@@ -268,7 +268,9 @@ class _Download:
         try:
             await asyncio.to_thread(_mark_unsynced, self.dest)  # syncs a folder: off the loop
         except OSError as exc:  # the data of an earlier attempt stays, to resume later
-            raise _disk_error(exc, unsynced_marker(self.dest), self.remote.size) from None
+            raise _disk_error(
+                exc, unsynced_marker(self.dest), self.remote.size, data=False
+            ) from None
         try:
             self.fd = os.open(self.partial, flags, 0o644)
             if not resumed:
@@ -590,11 +592,15 @@ def _preallocate(fd: int, size: int, path: Path) -> None:
     os.ftruncate(fd, size)
 
 
-def _disk_error(exc: OSError, path: Path, size: int) -> TabAgentError:
-    blob = path.name.removesuffix(PARTIAL_SUFFIX)
-    for leftover in (path, *(path.with_name(blob + s) for s in (STATE_SUFFIX, UNSYNCED_SUFFIX))):
-        with contextlib.suppress(OSError):
-            leftover.unlink(missing_ok=True)
+def _disk_error(exc: OSError, path: Path, size: int, *, data: bool = True) -> TabAgentError:
+    """The clear error for a failed write to ``path``; when ``path`` is a download's data, that
+    data, its part state and its marker are deleted first (nothing that could look whole)."""
+    if data:
+        blob = path.name.removesuffix(PARTIAL_SUFFIX)
+        leftovers = (path, *(path.with_name(blob + s) for s in (STATE_SUFFIX, UNSYNCED_SUFFIX)))
+        for leftover in leftovers:
+            with contextlib.suppress(OSError):
+                leftover.unlink(missing_ok=True)
     if exc.errno == errno.ENOSPC:
         return DiskError(
             f"not enough disk space in {path.parent} for {size / MiB:.0f} MiB; "
