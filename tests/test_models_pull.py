@@ -21,6 +21,7 @@ from tabagent.models.downloader import (
     UNSYNCED_SUFFIX,
     RemoteFile,
     Tuning,
+    _Download,
     download,
     make_durable,
     new_session,
@@ -157,6 +158,25 @@ async def test_a_downloaded_blob_keeps_its_unsynced_marker_until_it_is_flushed(
     make_durable(dest)
     assert not unsynced_marker(dest).exists()
     assert sorted(p.name for p in dest.parent.iterdir()) == [sha]
+
+
+async def test_hashing_maps_only_what_the_file_holds(tmp_path: Path) -> None:
+    """Blocks are hashed from a mapping of the file, at any offset; a file cut shorter behind
+    the download's back is read instead, so its short read is reported as before."""
+    data = os.urandom(3 * MiB + 12345)
+    path = tmp_path / "partial"
+    path.write_bytes(data)
+    remote = RemoteFile("http://unused.invalid/", len(data), None, "model")
+    job = _Download(None, remote, tmp_path / "blob", fast_tuning(), {}, None)  # type: ignore[arg-type]
+    job.fd = os.open(path, os.O_RDONLY)
+    try:
+        assert job._hash_block(0, 100_001) == 100_001  # then unaligned offsets, as a prefix gives
+        assert job._hash_block(100_001, 2 * MiB) == 2 * MiB
+        assert job._hash_block(100_001 + 2 * MiB, 2 * MiB) == len(data) - 100_001 - 2 * MiB
+        assert job._hasher.hexdigest() == hashlib.sha256(data).hexdigest()
+        assert job._hash_block(len(data), MiB) == 0  # nothing left: the caller's short read
+    finally:
+        os.close(job.fd)
 
 
 def test_blob_digest_names_git_blobs_by_sha1_and_lfs_blobs_by_sha256(tmp_path: Path) -> None:

@@ -31,6 +31,7 @@ import errno
 import hashlib
 import json
 import logging
+import mmap
 import os
 import time
 from collections.abc import Callable
@@ -235,10 +236,20 @@ class _Download:
             self._hasher, self._hashed = hashlib.sha256(), 0
 
     def _hash_block(self, offset: int, count: int) -> int:
-        """Read back and hash one block, off the event loop (hashlib releases the GIL)."""
-        data = os.pread(self.fd, count, offset)
-        self._hasher.update(data)
-        return len(data)
+        """Hash one block of what is on the disk, off the event loop (hashlib releases the
+        GIL). The block is mapped, not read: hashing the page cache in place saves a copy of
+        every byte, which on a CPU-bound download is a tenth of its time."""
+        if count <= 0 or os.fstat(self.fd).st_size < offset + count:
+            data = os.pread(self.fd, count, offset)  # cut short: the caller reports it
+            self._hasher.update(data)
+            return len(data)
+        start = offset - offset % mmap.ALLOCATIONGRANULARITY
+        with (
+            mmap.mmap(self.fd, offset + count - start, access=mmap.ACCESS_READ, offset=start) as m,
+            memoryview(m) as view,
+        ):
+            self._hasher.update(view[offset - start :])
+        return count
 
     async def _hash_follower(self, done: asyncio.Event) -> None:
         """Hash the file's contiguous prefix while the rest downloads, as soon as it grows:
