@@ -199,18 +199,26 @@ async def test_a_blob_whose_flush_a_power_cut_interrupted_is_checked_before_use(
     await first.durable()
     blob = cache.blob_path(REPO, sha)
 
+    assert [spec.check for spec in pulled_specs(cache)] == [None]  # flushed: nothing to check
+
     unsynced_marker(blob).touch()  # intact: the flush finished but its marker was not removed
     requests = sum(hub.stats.requests.values())
     after = ModelCache(tmp_path / "cache", shared=[])  # as the next start of the server
-    assert [spec.id for spec in pulled_specs(after)] == [REPO]
-    assert after.lookup(REPO, REPO) is not None
+    (spec,) = pulled_specs(after)  # listed at once; hashed only before its first load
+    assert spec.id == REPO
+    assert unsynced_marker(blob).exists()
+    assert spec.check is not None
+    assert spec.check()
     assert not unsynced_marker(blob).exists()
+    assert after.lookup(REPO, REPO) is not None
     assert sum(hub.stats.requests.values()) == requests  # no network
 
     unsynced_marker(blob).touch()  # lost: the file's size survived, its data did not
     blob.write_bytes(bytes(4 * MiB))
     after = ModelCache(tmp_path / "cache", shared=[])
-    assert [spec.id for spec in pulled_specs(after)] == []  # the server never loads it
+    (spec,) = pulled_specs(after)
+    assert spec.check is not None
+    assert not spec.check()  # so its first load fails (see the server test below)
     assert after.lookup(REPO, REPO) is None
     assert not blob.exists()
     assert not unsynced_marker(blob).exists()
@@ -504,6 +512,58 @@ async def test_pull_over_http_streams_progress_then_chat_uses_the_model(
             async with http.post("/v1/models/pull", json={"model": "../etc/passwd"}) as response:
                 assert response.status == 400
                 assert (await response.json())["error"]["code"] == "bad_model_ref"
+
+
+async def test_a_model_a_crash_left_unflushed_is_served_at_once_and_checked_at_first_use(
+    hub: FakeHub, tmp_path: Path
+) -> None:
+    """After a crash the server starts without hashing pulled models: one whose flush was cut
+    short is listed at once and hashed before its first load. Intact, it chats; lost, the chat
+    gets a clear 404 that says to pull it again, and the model leaves the list."""
+    import aiohttp
+
+    from ml_service.backends.llama import smollm2_path
+    from tests.helpers import running_server
+
+    gguf = await asyncio.to_thread(Path(smollm2_path()).read_bytes)
+    repo = "test-org/SmolLM2-135M-Instruct-GGUF"
+    hub.add_repo(repo, {"SmolLM2-135M-Instruct.Q4_1.gguf": gguf})
+    ref = f"{repo}:Q4_1"
+    cache = ModelCache(tmp_path / "cache", shared=[])
+    puller = Puller(cache, fast_tuning())
+    model = await puller.pull(parse_ref(ref))
+    await puller.durable()
+    blob = cache.blob_path(repo, model.files[0].blob)
+    env = {"HF_ENDPOINT": hub.endpoint, "TABAGENT_MODEL_CACHE_PATH": str(cache.root)}
+    chat = {"model": ref, "max_tokens": 4, "messages": [{"role": "user", "content": "Hi"}]}
+
+    async def listed(http: aiohttp.ClientSession) -> list[str]:
+        async with http.get("/v1/models") as response:
+            return [m["id"] for m in (await response.json())["data"]]
+
+    unsynced_marker(blob).touch()  # intact data, as when the crash came after the flush
+    with running_server(("--mode", "http"), env=env, log_dir=tmp_path) as server:
+        async with aiohttp.ClientSession(server.base_url) as http:
+            assert ref in await listed(http)
+            assert unsynced_marker(blob).exists()  # not hashed to start
+            async with http.post("/v1/chat/completions", json=chat) as response:
+                assert response.status == 200, await response.text()
+    assert not unsynced_marker(blob).exists()
+
+    unsynced_marker(blob).touch()  # lost: the size survived, the data did not
+    blob.write_bytes(bytes(len(gguf)))
+    with running_server(("--mode", "http"), env=env, log_dir=tmp_path) as server:
+        async with aiohttp.ClientSession(server.base_url) as http:
+            assert ref in await listed(http)
+            async with http.post("/v1/chat/completions", json=chat) as response:
+                error = (await response.json())["error"]
+            assert response.status == 404
+            assert error["code"] == "model_lost"
+            assert f"tabagent-server models pull {ref}" in error["message"]
+            assert ref not in await listed(http)
+            async with http.get("/v1/health") as response:
+                assert (await response.json())["components"]["ml_worker"]["state"] == "ok"
+    assert not blob.exists()
 
 
 async def test_a_pulled_onnx_embedding_model_serves_embeddings(

@@ -15,11 +15,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import importlib.util
 import logging
 import time
 from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Literal
 
@@ -42,6 +43,10 @@ class ModelSpec:
     size_bytes: int
     owned_by: str = "tabagent"
     description: str = ""
+    # For a pulled model whose flush to the disk a crash interrupted: whether its data is
+    # intact (hashes it; deletes it if not). Run once, before its first load, not at start-up:
+    # hashing a model of several GB would keep the server from listening for seconds.
+    check: Callable[[], bool] | None = field(default=None, compare=False, repr=False)
 
 
 def _package_dir(package: str) -> Path | None:
@@ -104,13 +109,18 @@ def embedded_models() -> list[ModelSpec]:
 
 
 def pulled_specs(cache: ModelCache) -> list[ModelSpec]:
-    """The catalog entries of every usable model pulled into ``cache`` (a blob whose flush to
-    the disk a crash interrupted is checked first: one the disk lost is left out)."""
+    """The catalog entries of every model pulled into ``cache``. One with a blob whose flush to
+    the disk a crash interrupted carries its ``check``, which its first load runs."""
     from tabagent.models.pull import model_paths
 
-    models = (model for model in cache.models() if cache.intact(model))
-    specs = (cached_spec(model, model_paths(cache, model)) for model in models)
-    return [spec for spec in specs if spec is not None]
+    specs: list[ModelSpec] = []
+    for model in cache.models():
+        spec = cached_spec(model, model_paths(cache, model))
+        if spec is not None and cache.unsettled(model):
+            spec = replace(spec, check=functools.partial(cache.intact, model))
+        if spec is not None:
+            specs.append(spec)
+    return specs
 
 
 def cached_spec(model: CachedModel, paths: list[Path]) -> ModelSpec | None:
@@ -218,13 +228,14 @@ class ModelOrchestrator:
     async def load(
         self, model_id: str, request_id: str = "-", keep_alive: float | None = None
     ) -> pb.ModelInfo:
-        spec = self.spec(model_id)
+        self.spec(model_id)
         # wait for a healthy worker first: after a restart, what it had loaded is gone
         await self.supervisor.stub()
         async with self._lock:
             self._forget_if_restarted()
             slot = self._slots.get(model_id)
             if slot is None:
+                spec = await self._checked(self.spec(model_id))
                 await self._make_room(spec, request_id)
                 llama = None
                 if spec.backend == pb.LLAMA_CPP:
@@ -255,6 +266,24 @@ class ModelOrchestrator:
                 slot.keep_alive = keep_alive
             slot.last_used = time.monotonic()
             return slot.info
+
+    async def _checked(self, spec: ModelSpec) -> ModelSpec:
+        """``spec`` once its data is known to be intact (see ``ModelSpec.check``); a model the
+        disk lost is taken out of the catalog, and the error says how to get it back."""
+        if spec.check is None:
+            return spec
+        log.info("checking %s before its first load: a crash interrupted its flush", spec.id)
+        if await asyncio.to_thread(spec.check):
+            spec = replace(spec, check=None)
+            self.catalog[spec.id] = spec
+            return spec
+        self.catalog.pop(spec.id, None)
+        raise NotFound(
+            f"the data of {spec.id!r} did not reach the disk before a crash or power cut, and "
+            f"was deleted; pull it again: tabagent-server models pull {spec.id}",
+            code="model_lost",
+            param="model",
+        )
 
     def _estimated_bytes(self, model_id: str) -> int:
         slot = self._slots.get(model_id)

@@ -247,6 +247,14 @@ class ModelCache:
                 return None
         return entry if self.intact(entry) else None
 
+    def unsettled(self, model: CachedModel) -> bool:
+        """Whether a blob of ``model`` carries a crash's unsynced marker (cheap: no hashing)."""
+        for f in model.files:
+            blob = self.blob_path(model.repo_id, f.blob)
+            if blob not in self.syncing and unsynced_marker(blob).exists():
+                return True
+        return False
+
     def intact(self, model: CachedModel) -> bool:
         """Whether every blob of ``model`` may be used (see :meth:`settle`)."""
         return all(self.settle(self.blob_path(model.repo_id, f.blob)) for f in model.files)
