@@ -81,15 +81,18 @@ def models_group(settings_of: Any) -> click.Group:
         )
         with Progress(*columns, console=console, transient=False) as progress:
             tasks: dict[str, TaskID] = {}
-            file_done: dict[str, int] = {}
+            cached = False
 
             def on_event(event: PullEvent) -> None:
+                nonlocal cached
+                cached = cached or event.cached
                 if event.kind == "resolved":
                     tasks["total"] = progress.add_task("total", total=event.total)
                 elif event.kind in ("progress", "file_done") and event.file:
-                    if event.file not in tasks:
-                        tasks[event.file] = progress.add_task(event.file, total=None)
-                    file_done[event.file] = event.done
+                    task = tasks.get(event.file)
+                    if task is None:
+                        task = tasks[event.file] = progress.add_task(event.file, total=None)
+                    progress.update(task, completed=event.file_done, total=event.file_total)
                     progress.update(tasks["total"], completed=event.done)
 
             started = time.monotonic()
@@ -121,7 +124,10 @@ def models_group(settings_of: Any) -> click.Group:
                 sys.exit(130)
         for path in model_paths(cache, model):
             click.echo(str(path))
-        console.print(f"{model.ref}: {_human(model.size)} in {seconds:.1f} s")
+        if cached:
+            console.print(f"{model.ref}: {_human(model.size)}, already in the cache (no network)")
+        else:
+            console.print(f"{model.ref}: {_human(model.size)} in {seconds:.1f} s")
 
     @models.command("list")
     @click.option("--json", "as_json", is_flag=True, help="Print JSON.")

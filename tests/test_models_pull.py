@@ -398,8 +398,13 @@ async def test_cli_list_rm_gc(hub: FakeHub, tmp_path: Path) -> None:
     add_big(hub, "model-Q4_K_M.gguf", 1 * MiB, seed=7)
     env = {"HF_ENDPOINT": hub.endpoint, "TABAGENT_MODEL_CACHE_PATH": str(tmp_path / "cache")}
     pull = await _cli("pull", REPO, env=env)
-    await pull.communicate()
+    _, err = await pull.communicate()
     assert pull.returncode == 0
+    bars = {line.split()[0]: line.split()[2] for line in err.decode().splitlines() if "━" in line}
+    assert bars == {"total": "1.0/1.0", "model-Q4_K_M.gguf": "1.0/1.0"}  # MB, per file too
+    again = await _cli("pull", REPO, env=env)
+    _, err = await again.communicate()
+    assert b"already in the cache (no network)" in err
     listing = await _cli("list", "--json", env=env)
     out, _ = await listing.communicate()
     rows = json.loads(out)
@@ -481,6 +486,10 @@ async def test_pull_over_http_streams_progress_then_chat_uses_the_model(
             assert done["cached"] is False
             progress = [data for name, data in events if name == "progress"]
             assert progress[-1]["total"] == len(gguf)
+            files = [data for data in progress if data["status"] == "file_done"]
+            assert [(f["file"], f["file_completed"], f["file_total"]) for f in files] == [
+                ("SmolLM2-135M-Instruct.Q4_1.gguf", len(gguf), len(gguf))
+            ]
 
             async with http.get("/v1/models") as response:
                 ids = [m["id"] for m in (await response.json())["data"]]

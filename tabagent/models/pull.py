@@ -40,9 +40,11 @@ class PullEvent:
     kind: Literal["resolved", "progress", "file_done", "done"]
     ref: str
     file: str = ""
-    done: int = 0
+    done: int = 0  # bytes of the whole pull
     total: int = 0
     cached: bool = False
+    file_done: int = 0  # bytes of ``file``
+    file_total: int = 0
 
 
 EventFn = Callable[[PullEvent], None]
@@ -190,7 +192,12 @@ class Puller:
         def progress_for(name: str) -> Callable[[int, int], None]:
             def report(on_disk: int, size: int) -> None:
                 done[name] = on_disk
-                emit(PullEvent("progress", key, file=name, done=sum(done.values()), total=total))
+                emit(
+                    PullEvent(
+                        "progress", key, file=name, done=sum(done.values()), total=total,
+                        file_done=on_disk, file_total=size,
+                    )
+                )  # fmt: skip
 
             return report
 
@@ -219,7 +226,12 @@ class Puller:
                         await _check_git_blob(dest, blob_id, path)
                     self._flush_later(dest)
                 done[path] = size
-                emit(PullEvent("file_done", key, file=path, done=sum(done.values()), total=total))
+                emit(
+                    PullEvent(
+                        "file_done", key, file=path, done=sum(done.values()), total=total,
+                        file_done=size, file_total=size,
+                    )
+                )  # fmt: skip
                 await asyncio.to_thread(
                     self.cache.link_snapshot, ref.repo_id, listing.commit, path, blob
                 )

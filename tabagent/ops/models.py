@@ -132,9 +132,11 @@ class PullRequest(BaseModel):
 class PullProgress(BaseModel):
     event_name: ClassVar[str] = "progress"
     status: str = Field(description="resolved, progress or file_done")
-    file: str = ""
-    completed: int
-    total: int
+    file: str = Field("", description="The file this event is about (none for resolved).")
+    completed: int = Field(description="Bytes of the whole pull on the disk.")
+    total: int = Field(description="Bytes of the whole pull.")
+    file_completed: int = Field(0, description="Bytes of `file` on the disk.")
+    file_total: int = Field(0, description="Bytes of `file`.")
 
 
 class PullDone(BaseModel):
@@ -192,8 +194,9 @@ async def pull_model(ctx: OpContext, req: PullRequest) -> AsyncIterator[PullProg
                 continue  # at most ten progress events a second
             last_progress = now
             yield PullProgress(
-                status=event.kind, file=event.file, completed=event.done, total=event.total
-            )
+                status=event.kind, file=event.file, completed=event.done, total=event.total,
+                file_completed=event.file_done, file_total=event.file_total,
+            )  # fmt: skip
         model = task.result()
     finally:
         if not task.done():
