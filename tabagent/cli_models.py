@@ -48,6 +48,26 @@ def _cache(settings: Settings) -> ModelCache:
     return ModelCache(settings.model_cache_path)
 
 
+def _loaded_on_server(settings: Settings) -> set[str] | None:
+    """The models the server running for this user has loaded now; None when none answers."""
+    import urllib.request
+
+    from tabagent.discovery import find
+
+    server = find(settings.run_dir)
+    if server is None:
+        return None
+    request = urllib.request.Request(f"{server.url}/v1/models")
+    if settings.api_key is not None:
+        request.add_header("Authorization", f"Bearer {settings.api_key.get_secret_value()}")
+    try:
+        with urllib.request.urlopen(request, timeout=3) as response:
+            cards = json.load(response)["data"]
+        return {card["id"] for card in cards if card.get("loaded")}
+    except (OSError, ValueError, KeyError, TypeError):  # busy, another version, or going away
+        return None
+
+
 def models_group(settings_of: Any) -> click.Group:
     """The group; ``settings_of(ctx)`` resolves the server's settings (flags, env, defaults)."""
 
@@ -133,23 +153,28 @@ def models_group(settings_of: Any) -> click.Group:
     @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
     @click.pass_context
     def list_(ctx: click.Context, as_json: bool) -> None:
-        """Pulled models: size, last use."""
-        cache = _cache(settings_of(ctx))
-        found = sorted(cache.models(), key=lambda m: m.ref)
+        """Pulled models: size, last use, and whether the running server has them loaded."""
+        settings = settings_of(ctx)
+        found = sorted(_cache(settings).models(), key=lambda m: m.ref)
+        loaded = _loaded_on_server(settings)  # None: no server running (or none answered)
         if as_json:
             rows = [
                 {"model": m.ref, "repo": m.repo_id, "commit": m.commit, "size_bytes": m.size,
                  "last_used": m.last_used, "pulled_at": m.pulled_at,
-                 "files": [f.path for f in m.files]}
+                 "files": [f.path for f in m.files],
+                 "loaded": None if loaded is None else m.ref in loaded}
                 for m in found
             ]  # fmt: skip
             click.echo(json.dumps(rows, indent=2))
             return
-        table = Table("model", "size", "last used", "files")
+        table = Table("model", "size", "last used", "files", "loaded")
         for m in found:
             used = time.strftime("%Y-%m-%d %H:%M", time.localtime(m.last_used))
-            table.add_row(m.ref, _human(m.size), used, str(len(m.files)))
+            state = "-" if loaded is None else "yes" if m.ref in loaded else "no"
+            table.add_row(m.ref, _human(m.size), used, str(len(m.files)), state)
         Console().print(table)
+        if loaded is None:
+            click.echo("loaded: - (no TabAgent server is running)", err=True)
 
     @models.command("rm")
     @click.argument("ref")

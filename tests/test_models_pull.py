@@ -408,7 +408,7 @@ async def test_cli_list_rm_gc(hub: FakeHub, tmp_path: Path) -> None:
     listing = await _cli("list", "--json", env=env)
     out, _ = await listing.communicate()
     rows = json.loads(out)
-    assert [(r["model"], r["size_bytes"]) for r in rows] == [(REPO, 1 * MiB)]
+    assert [(r["model"], r["size_bytes"], r["loaded"]) for r in rows] == [(REPO, 1 * MiB, None)]
     stray = tmp_path / "cache" / f"models--{REPO.replace('/', '--')}" / "blobs" / ("0" * 64)
     stray.write_bytes(b"x" * 100)
     orphan = stray.with_name("1" * 64 + UNSYNCED_SUFFIX)  # the marker of a download long gone
@@ -517,6 +517,9 @@ async def test_pull_over_http_streams_progress_then_chat_uses_the_model(
             assert response.status == 200, reply
             assert "Paris" in reply["choices"][0]["message"]["content"]
             assert reply["model"] == ref
+            listing = await _cli("list", "--json", env=env)  # finds this server, asks it
+            out, _ = await listing.communicate()
+            assert [(r["model"], r["loaded"]) for r in json.loads(out)] == [(ref, True)]
 
             async with http.post("/v1/models/pull", json={"model": "../etc/passwd"}) as response:
                 assert response.status == 400
