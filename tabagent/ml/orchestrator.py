@@ -116,10 +116,11 @@ def pulled_specs(cache: ModelCache) -> list[ModelSpec]:
     specs: list[ModelSpec] = []
     for model in cache.models():
         spec = cached_spec(model, model_paths(cache, model))
-        if spec is not None and cache.unsettled(model):
+        if spec is None:
+            continue
+        if cache.unsettled(model):
             spec = replace(spec, check=functools.partial(cache.intact, model))
-        if spec is not None:
-            specs.append(spec)
+        specs.append(spec)
     return specs
 
 
@@ -228,7 +229,7 @@ class ModelOrchestrator:
     async def load(
         self, model_id: str, request_id: str = "-", keep_alive: float | None = None
     ) -> pb.ModelInfo:
-        self.spec(model_id)
+        self.spec(model_id)  # an unknown model fails at once, not after waiting for the worker
         # wait for a healthy worker first: after a restart, what it had loaded is gone
         await self.supervisor.stub()
         async with self._lock:

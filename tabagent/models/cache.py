@@ -123,9 +123,9 @@ class ModelCache:
     def settle(self, path: Path) -> bool:
         """Whether the blob at ``path`` may be used: a blob left unsynced by a crash or a power
         cut is hashed; if it matches its name it is flushed and kept, else it is deleted."""
-        marker = unsynced_marker(path)
-        if not marker.exists() or path in self.syncing:
+        if not self._marked(path):
             return path.is_file()
+        marker = unsynced_marker(path)
         with self._settle_lock:  # one hash per blob, even when several lookups find it
             if not marker.exists():
                 return path.is_file()
@@ -247,13 +247,13 @@ class ModelCache:
                 return None
         return entry if self.intact(entry) else None
 
+    def _marked(self, blob: Path) -> bool:
+        """Whether ``blob`` carries an unsynced marker that is not this process's own flush."""
+        return blob not in self.syncing and unsynced_marker(blob).exists()
+
     def unsettled(self, model: CachedModel) -> bool:
         """Whether a blob of ``model`` carries a crash's unsynced marker (cheap: no hashing)."""
-        for f in model.files:
-            blob = self.blob_path(model.repo_id, f.blob)
-            if blob not in self.syncing and unsynced_marker(blob).exists():
-                return True
-        return False
+        return any(self._marked(self.blob_path(model.repo_id, f.blob)) for f in model.files)
 
     def intact(self, model: CachedModel) -> bool:
         """Whether every blob of ``model`` may be used (see :meth:`settle`)."""
