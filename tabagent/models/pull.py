@@ -189,17 +189,19 @@ class Puller:
         emit(PullEvent("resolved", key, total=total))
         done: dict[str, int] = {}
 
-        def progress_for(name: str) -> Callable[[int, int], None]:
-            def report(on_disk: int, size: int) -> None:
-                done[name] = on_disk
-                emit(
-                    PullEvent(
-                        "progress", key, file=name, done=sum(done.values()), total=total,
-                        file_done=on_disk, file_total=size,
-                    )
-                )  # fmt: skip
+        def file_event(
+            kind: Literal["progress", "file_done"], name: str, on_disk: int, size: int
+        ) -> None:
+            done[name] = on_disk
+            emit(
+                PullEvent(
+                    kind, key, file=name, done=sum(done.values()), total=total,
+                    file_done=on_disk, file_total=size,
+                )
+            )  # fmt: skip
 
-            return report
+        def progress_for(name: str) -> Callable[[int, int], None]:
+            return lambda on_disk, size: file_event("progress", name, on_disk, size)
 
         headers = {"Authorization": f"Bearer {token}"} if token else {}
         async with new_session(self.tuning.connections) as session:
@@ -225,13 +227,7 @@ class Puller:
                     if sha256 is None and blob_id:
                         await _check_git_blob(dest, blob_id, path)
                     self._flush_later(dest)
-                done[path] = size
-                emit(
-                    PullEvent(
-                        "file_done", key, file=path, done=sum(done.values()), total=total,
-                        file_done=size, file_total=size,
-                    )
-                )  # fmt: skip
+                file_event("file_done", path, size, size)
                 await asyncio.to_thread(
                     self.cache.link_snapshot, ref.repo_id, listing.commit, path, blob
                 )
