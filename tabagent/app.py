@@ -22,6 +22,7 @@ import aiohttp
 from aiohttp import web
 
 from tabagent import __version__
+from tabagent.api.dispatch import Runner
 from tabagent.api.docs import add_docs_routes, add_web_ui
 from tabagent.api.envelope_ws import add_envelope_route
 from tabagent.api.keys import OPENAPI, STATE
@@ -408,7 +409,7 @@ def check_bind_safety(settings: Settings) -> None:
 
 
 async def _start_site(app: web.Application, settings: Settings) -> tuple[web.AppRunner, int]:
-    runner = web.AppRunner(
+    runner = Runner(
         app, handle_signals=False, access_log=None, shutdown_timeout=settings.shutdown_timeout
     )
     try:

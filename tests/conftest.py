@@ -11,7 +11,7 @@ from aiohttp.test_utils import TestClient
 
 from tabagent.app import build_app
 from tabagent.config import Settings, resolve
-from tests.helpers import isolate
+from tests.helpers import Server, isolate
 
 
 @pytest.fixture(autouse=True)
@@ -36,7 +36,7 @@ async def make_client(aiohttp_client: ClientFactory, settings: Settings) -> Clie
         if overrides:  # validated, like any other source of settings
             merged = Settings.model_validate({**settings.model_dump(), **overrides})
         app = build_app(merged if overrides else settings)
-        return await aiohttp_client(app)
+        return await aiohttp_client(Server(app))
 
     return make
 

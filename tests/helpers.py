@@ -19,6 +19,9 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from aiohttp.test_utils import TestServer
+
+from tabagent.api.dispatch import Runner
 
 SERVER_BIN = (
     shutil.which("tabagent-server", path=str(Path(sys.executable).parent)) or "tabagent-server"
@@ -41,6 +44,14 @@ def home_env(home: Path) -> dict[str, str]:
         "HF_HOME": str(home / "hf"),
         "HF_HUB_OFFLINE": "1",
     }
+
+
+class Server(TestServer):
+    """A test server that runs as ``tabagent-server`` does: through TabAgent's own runner
+    (exact-path dispatch), so every test that uses one exercises it."""
+
+    async def _make_runner(self, **kwargs: Any) -> Runner:
+        return Runner(self.app, **kwargs)
 
 
 def isolate(mp: pytest.MonkeyPatch, home: Path) -> Path:

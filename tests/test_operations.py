@@ -17,6 +17,7 @@ from tabagent.config import Settings
 from tabagent.errors import ServiceUnavailable
 from tabagent.ops import default_registry, system
 from tabagent.ops.registry import Empty, Http, OpContext, OperationGroup, Registry
+from tests.helpers import Server
 
 # --- a test-only group: a streaming operation and a slow one (no real stream exists yet) ---
 testing = OperationGroup(tag="testing")
@@ -65,7 +66,7 @@ def registry_with_testing() -> Registry:
 async def test_client(
     aiohttp_client, settings: Settings
 ) -> TestClient[web.Request, web.Application]:
-    return await aiohttp_client(build_app(settings, registry=registry_with_testing()))
+    return await aiohttp_client(Server(build_app(settings, registry=registry_with_testing())))
 
 
 def parse_sse(text: str) -> list[tuple[str, dict[str, object]]]:
