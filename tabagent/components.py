@@ -26,7 +26,7 @@ class ComponentStatus(BaseModel):
 Overall = Literal["ok", "starting", "degraded"]
 
 
-def _overall(status: Mapping[str, ComponentStatus]) -> Overall:
+def overall_of(status: Mapping[str, ComponentStatus]) -> Overall:
     """ok when every component is ok (or deliberately off); starting while one starts."""
     states = {s.state for s in status.values()}
     if states & {"down", "degraded"}:
@@ -48,7 +48,7 @@ class Components:
     def set(self, name: str, state: ComponentHealth, detail: str = "") -> None:
         status = {**self._status, name: ComponentStatus(state=state, detail=detail)}
         self._status = status  # replaced, never changed in place: snapshots stay as they were
-        self.overall = _overall(status)
+        self.overall = overall_of(status)
 
     def snapshot(self) -> Mapping[str, ComponentStatus]:
         return self._status

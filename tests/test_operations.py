@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import time
 from collections.abc import AsyncIterator
 
 import aiohttp
@@ -12,11 +13,14 @@ from aiohttp import web
 from aiohttp.test_utils import TestClient
 from pydantic import BaseModel, ConfigDict, Field
 
+from tabagent.api.keys import STATE
 from tabagent.app import build_app
 from tabagent.config import Settings
 from tabagent.errors import ServiceUnavailable
+from tabagent.metrics import Metrics
 from tabagent.ops import default_registry, system
 from tabagent.ops.registry import Empty, Http, OpContext, OperationGroup, Registry
+from tabagent.state import AppState
 from tests.helpers import Server
 
 # --- a test-only group: a streaming operation and a slow one (no real stream exists yet) ---
@@ -75,6 +79,43 @@ def parse_sse(text: str) -> list[tuple[str, dict[str, object]]]:
         lines = dict(line.split(": ", 1) for line in block.splitlines())
         events.append((lines["event"], json.loads(lines["data"])))
     return events
+
+
+# --- health: the answer made from kept bytes is the handler's answer ---
+
+
+async def test_health_over_http_is_the_handler_answer_and_follows_component_changes(
+    client: TestClient[web.Request, web.Application],
+) -> None:
+    state = client.app[STATE]
+    ctx = OpContext(state=state, request_id="t", transport="test")
+    health = state.registry.get("system.health")
+    for change in (None, ("memory", "degraded", "disk full"), ("memory", "ok", "")):
+        if change is not None:
+            state.components.set(*change)
+        answered = await (await client.get("/v1/health")).json()
+        expected = (await health.call(ctx, Empty())).model_dump(mode="json")
+        assert abs(answered.pop("uptime_s") - expected.pop("uptime_s")) < 5
+        assert answered == expected
+    assert answered["components"]["memory"] == {"state": "ok", "detail": ""}
+    state.components.set("memory", "degraded", "disk full")
+    assert (await (await client.get("/v1/health")).json())["status"] == "degraded"
+    with_query = await client.get("/v1/health?verbose=1")  # parameters: validated as before
+    assert with_query.status == 422
+
+
+@pytest.mark.parametrize("uptime", [0.0, 0.001, 0.1, 2.29, 59.999, 3600.0, 86399.5, 1e9 + 0.125])
+def test_health_json_writes_the_uptime_as_pydantic_does(settings: Settings, uptime: float) -> None:
+    state = AppState(settings=settings, registry=default_registry(), metrics=Metrics())
+    state.components.set("http", "ok")
+    state.started_at = time.monotonic() - uptime
+    render = state.registry.get("system.health").http.render  # type: ignore[union-attr]
+    assert render is not None
+    rendered = render(state)
+    model = system.Health.model_validate_json(rendered)  # valid JSON of the model
+    reference = model.model_copy(update={"uptime_s": round(model.uptime_s, 3)})
+    assert rendered == reference.model_dump_json().encode()
+    assert abs(model.uptime_s - uptime) < 1
 
 
 # --- errors: every failure is JSON in the OpenAI shape ---

@@ -88,8 +88,11 @@ def _handler(op: Operation, state: AppState, max_body: int) -> Handler:
     no_params = not op.request_model.model_fields and "{" not in op.http.path
     empty = op.request_model() if no_params else None
     unary = op.handler  # what op.call runs, without its check that the op is unary (done here)
+    render = op.http.render if no_params and not takes_body else None
 
     async def handle(request: web.Request) -> web.StreamResponse:
+        if render is not None and not request.query_string:
+            return web.Response(body=render(state), status=status, headers=_JSON)
         if empty is not None and not takes_body and not request.query_string:
             parsed = empty
         elif takes_body:

@@ -36,6 +36,10 @@ class Http:
     # "default": mounted by tabagent.api.routes; "custom": by tabagent.api.openai, which speaks
     # OpenAI's wire format (chunk objects, `data: [DONE]`) over the same operation.
     adapter: Literal["default", "custom"] = "default"
+    # The JSON answer to a call without parameters, made without building the response model:
+    # for a route polled far more often than anything changes (health). It must give what
+    # serialising the handler's result would; the default adapter uses it when set.
+    render: Callable[[AppState], bytes] | None = None
 
 
 @dataclass(slots=True)

@@ -5,14 +5,19 @@ from __future__ import annotations
 import logging
 import platform
 import sys
+from collections.abc import Mapping
 from importlib import metadata
+from typing import TYPE_CHECKING
 
 from pydantic import BaseModel, ConfigDict, Field
 
 from tabagent import __version__
-from tabagent.components import ComponentStatus, Overall
+from tabagent.components import ComponentStatus, Overall, overall_of
 from tabagent.config import LogLevel
 from tabagent.ops.registry import Empty, Http, OpContext, OperationGroup
+
+if TYPE_CHECKING:
+    from tabagent.state import AppState
 
 group = OperationGroup(tag="system")
 
@@ -66,7 +71,42 @@ class LogLevelResponse(BaseModel):
     previous: str
 
 
-@group.operation("system.health", http=Http("GET", "/v1/health"), public=True)
+class _HealthJson:
+    """``GET /v1/health``'s answer, made from bytes kept between component changes.
+
+    Supervisors and the extension probe health far more often than any component changes, and
+    building and serialising the ``Health`` model was most of that route's cost. The JSON is
+    rendered once per components snapshot (a change replaces the snapshot) with a placeholder
+    uptime, and each answer splices the current uptime in. Floats are written as pydantic
+    writes them (shortest round-trip form, like ``repr``); a test compares the two."""
+
+    _PLACEHOLDER = 0.5
+
+    def __init__(self) -> None:
+        self._parts: tuple[Mapping[str, ComponentStatus] | None, bytes, bytes] = (None, b"", b"")
+
+    def __call__(self, state: AppState) -> bytes:
+        snapshot, head, tail = self._parts
+        current = state.components.snapshot()
+        if current is not snapshot:
+            head, tail = self._split(current)
+            self._parts = (current, head, tail)
+        return b"%s%r%s" % (head, round(state.uptime_s, 3), tail)
+
+    def _split(self, snapshot: Mapping[str, ComponentStatus]) -> tuple[bytes, bytes]:
+        health = Health(
+            status=overall_of(snapshot),
+            version=__version__,
+            uptime_s=self._PLACEHOLDER,
+            components=snapshot,
+        )
+        head, found, tail = health.model_dump_json().encode().partition(b'"uptime_s":0.5')
+        if not found:
+            raise RuntimeError("Health's JSON no longer has the uptime where it is spliced in")
+        return head + b'"uptime_s":', tail
+
+
+@group.operation("system.health", http=Http("GET", "/v1/health", render=_HealthJson()), public=True)
 async def health(ctx: OpContext, req: Empty) -> Health:
     """Liveness and the state of each component.
 
