@@ -8,7 +8,6 @@ an error after the stream has started arrives as ``event: error`` with the usual
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 from collections.abc import AsyncIterator, Callable, Mapping
@@ -31,9 +30,15 @@ _BODY_METHODS = frozenset({"POST", "PUT", "PATCH"})
 _JSON = {"Content-Type": "application/json"}
 
 
-async def read_body(request: web.Request, limit: int) -> bytes:
-    if request.content_length is not None and request.content_length > limit:
+def check_length(request: web.Request, limit: int) -> None:
+    """413 before reading a body whose declared length is over ``limit``."""
+    length = request.content_length
+    if length is not None and length > limit:
         raise PayloadTooLarge(f"request body is larger than the limit of {limit} bytes")
+
+
+async def read_body(request: web.Request, limit: int) -> bytes:
+    check_length(request, limit)
     return await request.read()  # client_max_size enforces the limit on chunked bodies
 
 
@@ -89,6 +94,7 @@ def _handler(op: Operation, state: AppState, max_body: int) -> Handler:
     empty = op.request_model() if no_params else None
     unary = op.handler  # what op.call runs, without its check that the op is unary (done here)
     render = op.http.render if no_params and not takes_body else None
+    validate_json = op.request_model.model_validate_json
 
     async def handle(request: web.Request) -> web.StreamResponse:
         if render is not None and not request.query_string:
@@ -96,11 +102,14 @@ def _handler(op: Operation, state: AppState, max_body: int) -> Handler:
         if empty is not None and not takes_body and not request.query_string:
             parsed = empty
         elif takes_body:
-            raw = await read_body(request, max_body)
+            check_length(request, max_body)
+            raw = await request.read()  # client_max_size enforces the limit on chunked bodies
             fast: BaseModel | None = None
-            if not request.match_info and raw.strip():  # the usual case: one pass in pydantic
-                with contextlib.suppress(ValidationError):
-                    fast = op.request_model.model_validate_json(raw)
+            if not request.match_info:  # the usual case: the body is the request, one pass
+                try:
+                    fast = validate_json(raw)
+                except ValidationError:
+                    fast = None  # parsed again below
             # path parameters, no body, or bad input: the way that names what is wrong
             parsed = (
                 fast if fast is not None else op.parse(_merge(json_object(raw), request.match_info))
