@@ -24,9 +24,11 @@ import logging
 import re
 import secrets
 import time
+from collections.abc import MutableMapping
 
-from aiohttp import web
+from aiohttp import hdrs, web
 from aiohttp.typedefs import Handler
+from multidict import istr
 
 from tabagent.api.keys import CORS_ORIGIN, STATE
 from tabagent.errors import (
@@ -42,7 +44,9 @@ from tabagent.metrics import Metrics
 
 log = logging.getLogger(__name__)
 
-REQUEST_ID_HEADER = "X-Request-Id"
+# istr: header names whose case-folded form is made once, not on every response
+REQUEST_ID_HEADER = istr("X-Request-Id")
+_NOSNIFF_HEADER = istr("X-Content-Type-Options")
 _REQUEST_ID_RE = re.compile(r"[A-Za-z0-9._:\-]{1,128}")
 _PATH_VARIABLE = re.compile(r"\{(\w+):[^}]*\}")
 _LOOPBACK_HOSTS = frozenset({"localhost", "127.0.0.1", "::1"})
@@ -154,7 +158,7 @@ def _preflight(request: web.Request, origin: str) -> web.Response:
 
 def _check_access(policy: SecurityPolicy, request: web.Request, public: bool) -> str | None:
     """Host, Origin and API key checks; the request's Origin when CORS should answer it."""
-    host_header = request.headers.get("Host", "")
+    host_header = request.headers.get(hdrs.HOST, "")
     if host_header not in policy.seen_hosts:  # parse each distinct Host header once
         host = _host_name(host_header)
         if not host or host not in policy.allowed_hosts:
@@ -165,7 +169,7 @@ def _check_access(policy: SecurityPolicy, request: web.Request, public: bool) ->
             )
         if len(policy.seen_hosts) < 64:
             policy.seen_hosts.add(host_header)
-    origin = request.headers.get("Origin")
+    origin = request.headers.get(hdrs.ORIGIN)
     if origin is not None:
         if policy.origin_allowed(origin):
             request[CORS_ORIGIN] = origin  # for streams, which send their headers themselves
@@ -226,7 +230,7 @@ def guarded(handler: Handler, gate: Gate, route: str) -> Handler:
         origin = None
         try:
             try:
-                if needs_key or "Origin" in headers or headers.get("Host") not in seen_hosts:
+                if needs_key or hdrs.ORIGIN in headers or headers.get(hdrs.HOST) not in seen_hosts:
                     origin = _check_access(policy, request, public)
                 response: web.StreamResponse
                 if origin is not None and _is_preflight(request):
@@ -246,7 +250,7 @@ def guarded(handler: Handler, gate: Gate, route: str) -> Handler:
                     TabAgentError(f"internal server error (request id {request_id})")
                 )
             if not response.prepared:  # streams set these before they start
-                response.headers.update(common_headers(request_id, origin))
+                set_common_headers(response.headers, request_id, origin)
             elapsed = time.perf_counter() - start
             observe(route, request.method, response.status, elapsed)
             if log.isEnabledFor(logging.DEBUG):
@@ -302,12 +306,21 @@ def close_gate(app: web.Application) -> None:
             raise RuntimeError(f"route {r.method} {r.resource} is not wrapped with guarded()")
 
 
-def common_headers(request_id: str, origin: str | None) -> dict[str, str]:
-    """Headers every response carries: its request id, and CORS for an allowed origin (the
-    gate adds them to every response; streams, which send headers first, ask for them)."""
-    headers = {REQUEST_ID_HEADER: request_id, "X-Content-Type-Options": "nosniff"}
+def set_common_headers(
+    headers: MutableMapping[str, str], request_id: str, origin: str | None
+) -> None:
+    """Set the headers every response carries: its request id, and CORS for an allowed origin
+    (the gate sets them on every response; streams, which send headers first, ask for them)."""
+    headers[REQUEST_ID_HEADER] = request_id
+    headers[_NOSNIFF_HEADER] = "nosniff"
     if origin is not None:
-        headers["Access-Control-Allow-Origin"] = origin
-        headers["Access-Control-Expose-Headers"] = _CORS_EXPOSE_HEADERS
-        headers["Vary"] = "Origin"
+        headers[hdrs.ACCESS_CONTROL_ALLOW_ORIGIN] = origin
+        headers[hdrs.ACCESS_CONTROL_EXPOSE_HEADERS] = _CORS_EXPOSE_HEADERS
+        headers[hdrs.VARY] = "Origin"
+
+
+def common_headers(request_id: str, origin: str | None) -> dict[str, str]:
+    """The headers :func:`set_common_headers` sets, for a response made elsewhere."""
+    headers: dict[str, str] = {}
+    set_common_headers(headers, request_id, origin)
     return headers

@@ -13,7 +13,7 @@ import logging
 from collections.abc import AsyncIterator, Callable, Mapping
 from typing import Any
 
-from aiohttp import web
+from aiohttp import hdrs, web
 from aiohttp.typedefs import Handler
 from pydantic import BaseModel, ValidationError
 
@@ -27,7 +27,7 @@ from tabagent.state import AppState
 log = logging.getLogger(__name__)
 
 _BODY_METHODS = frozenset({"POST", "PUT", "PATCH"})
-_JSON = {"Content-Type": "application/json"}
+_JSON = {hdrs.CONTENT_TYPE: "application/json"}
 
 
 def check_length(request: web.Request, limit: int) -> None:
