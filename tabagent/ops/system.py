@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import platform
 import sys
+import time
 from collections.abc import Mapping
 from importlib import metadata
 from typing import TYPE_CHECKING
@@ -72,33 +73,36 @@ class LogLevelResponse(BaseModel):
 
 
 class _HealthJson:
-    """``GET /v1/health``'s answer, made from bytes kept between component changes.
+    """``GET /v1/health``'s answer, made from bytes kept between changes.
 
     Supervisors and the extension probe health far more often than any component changes, and
     building and serialising the ``Health`` model was most of that route's cost. The JSON is
     rendered once per components snapshot (a change replaces the snapshot) with a placeholder
-    uptime, and each answer splices the current uptime in. Floats are written as pydantic
-    writes them (shortest round-trip form, like ``repr``); a test compares the two."""
-
-    _PLACEHOLDER = 0.5
+    uptime; each answer splices in the uptime, in whole milliseconds (``12.340``), and answers
+    within the same millisecond are the same bytes."""
 
     def __init__(self) -> None:
-        self._parts: tuple[Mapping[str, ComponentStatus] | None, bytes, bytes] = (None, b"", b"")
+        self._snapshot: Mapping[str, ComponentStatus] | None = None
+        self._head = self._tail = self._body = b""
+        self._ms = -1
 
     def __call__(self, state: AppState) -> bytes:
-        snapshot, head, tail = self._parts
-        current = state.components.snapshot()
-        if current is not snapshot:
-            head, tail = self._split(current)
-            self._parts = (current, head, tail)
-        return b"%s%r%s" % (head, round(state.uptime_s, 3), tail)
+        ms = int((time.monotonic() - state.started_at) * 1000)
+        snapshot = state.components.snapshot()
+        if snapshot is not self._snapshot:
+            self._head, self._tail = self._split(snapshot)
+            self._snapshot = snapshot
+        elif ms == self._ms:
+            return self._body
+        seconds, milliseconds = divmod(ms, 1000)
+        self._body = b"%s%d.%03d%s" % (self._head, seconds, milliseconds, self._tail)
+        self._ms = ms
+        return self._body
 
-    def _split(self, snapshot: Mapping[str, ComponentStatus]) -> tuple[bytes, bytes]:
+    @staticmethod
+    def _split(snapshot: Mapping[str, ComponentStatus]) -> tuple[bytes, bytes]:
         health = Health(
-            status=overall_of(snapshot),
-            version=__version__,
-            uptime_s=self._PLACEHOLDER,
-            components=snapshot,
+            status=overall_of(snapshot), version=__version__, uptime_s=0.5, components=snapshot
         )
         head, found, tail = health.model_dump_json().encode().partition(b'"uptime_s":0.5')
         if not found:
