@@ -53,6 +53,15 @@ def parse(output: str) -> WrkResult:
     return WrkResult(float(rps.group(1)), int(count.group(1)), pcts["50"], pcts["99"], errors)
 
 
+@dataclass(frozen=True)
+class Load:
+    """What one wrk process asks for."""
+
+    url: str
+    method: str = "GET"
+    body: str | None = None
+
+
 def run(
     url: str,
     *,
@@ -63,14 +72,42 @@ def run(
     cpu_prefix: list[str] | None = None,
 ) -> WrkResult:
     """One ``wrk -t1 -c<connections> -d<duration>s --latency`` run against ``url``."""
+    (result,) = together(
+        [Load(url, method, body)],
+        duration_s=duration_s,
+        connections=connections,
+        cpu_prefix=cpu_prefix,
+    )
+    return result
+
+
+def together(
+    loads: list[Load],
+    *,
+    duration_s: float,
+    connections: int = 32,
+    cpu_prefix: list[str] | None = None,
+) -> list[WrkResult]:
+    """One wrk process per load, all started at once and run for the same seconds."""
     seconds = max(1, round(duration_s))
-    argv = [*(cpu_prefix or []), "wrk", "-t1", f"-c{connections}", f"-d{seconds}s", "--latency"]
+    base = [*(cpu_prefix or []), "wrk", "-t1", f"-c{connections}", f"-d{seconds}s", "--latency"]
     with tempfile.TemporaryDirectory(prefix="bench-wrk-") as tmp:
-        if method != "GET" or body is not None:
-            script = Path(tmp) / "request.lua"
-            script.write_text(lua_script(method, body or ""))
-            argv += ["-s", str(script)]
-        done = subprocess.run(
-            [*argv, url], capture_output=True, text=True, timeout=seconds + 30, check=True
-        )
-    return parse(done.stdout)
+        procs = []
+        for i, load in enumerate(loads):
+            argv = list(base)
+            if load.method != "GET" or load.body is not None:
+                script = Path(tmp) / f"request{i}.lua"
+                script.write_text(lua_script(load.method, load.body or ""))
+                argv += ["-s", str(script)]
+            procs.append(
+                subprocess.Popen(
+                    [*argv, load.url], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+                )
+            )
+        outputs = []
+        for proc in procs:
+            out, err = proc.communicate(timeout=seconds + 30)
+            if proc.returncode != 0:
+                raise subprocess.CalledProcessError(proc.returncode, proc.args, out, err)
+            outputs.append(out)
+    return [parse(out) for out in outputs]
