@@ -142,8 +142,8 @@ def _measure_side_by_side(
     ]
     before = [harness.cpu_seconds(s.pid) for s in pair]
     got = wrk.together(loads, duration_s=seconds, cpu_prefix=cpus.prefix(cpus.client))
-    if any(r.errors for r in got):
-        raise RuntimeError(f"wrk saw errors side by side on {route.label}")
+    if any(r.errors or not r.requests for r in got):
+        raise RuntimeError(f"wrk saw errors or no answers side by side on {route.label}")
     bare, ours = (
         (harness.cpu_seconds(s.pid) - b) / r.requests
         for s, b, r in zip(pair, before, got, strict=True)

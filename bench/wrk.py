@@ -92,22 +92,28 @@ def together(
     seconds = max(1, round(duration_s))
     base = [*(cpu_prefix or []), "wrk", "-t1", f"-c{connections}", f"-d{seconds}s", "--latency"]
     with tempfile.TemporaryDirectory(prefix="bench-wrk-") as tmp:
-        procs = []
-        for i, load in enumerate(loads):
-            argv = list(base)
-            if load.method != "GET" or load.body is not None:
-                script = Path(tmp) / f"request{i}.lua"
-                script.write_text(lua_script(load.method, load.body or ""))
-                argv += ["-s", str(script)]
-            procs.append(
-                subprocess.Popen(
-                    [*argv, load.url], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
-                )
-            )
+        procs: list[subprocess.Popen[str]] = []
         outputs = []
-        for proc in procs:
-            out, err = proc.communicate(timeout=seconds + 30)
-            if proc.returncode != 0:
-                raise subprocess.CalledProcessError(proc.returncode, proc.args, out, err)
-            outputs.append(out)
+        try:
+            for i, load in enumerate(loads):
+                argv = list(base)
+                if load.method != "GET" or load.body is not None:
+                    script = Path(tmp) / f"request{i}.lua"
+                    script.write_text(lua_script(load.method, load.body or ""))
+                    argv += ["-s", str(script)]
+                procs.append(
+                    subprocess.Popen(
+                        [*argv, load.url], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+                    )
+                )
+            for proc in procs:
+                out, err = proc.communicate(timeout=seconds + 30)
+                if proc.returncode != 0:
+                    raise subprocess.CalledProcessError(proc.returncode, proc.args, out, err)
+                outputs.append(out)
+        finally:  # one failed: the others stop too, not load the servers on
+            for proc in procs:
+                if proc.poll() is None:
+                    proc.kill()
+                    proc.wait()
     return [parse(out) for out in outputs]

@@ -6,7 +6,7 @@ from __future__ import annotations
 from collections.abc import Awaitable, Callable
 
 from aiohttp import web
-from aiohttp.test_utils import TestClient
+from aiohttp.test_utils import TestClient, TestServer
 from aiohttp.typedefs import Handler
 from yarl import URL
 
@@ -78,6 +78,59 @@ async def test_what_is_not_a_verbatim_fixed_path_goes_through_the_router(
     expect = await client.post("/a", data=b"{}", headers={"Expect": "100-continue"})
     assert expect.status == 200
     assert (await expect.json()) == {"handler": "post a"}
+
+
+def _tangled_app() -> web.Application:
+    """Fixed paths that are not simply their own resource's: the router's order decides."""
+
+    def handler(name: str) -> Callable[[web.Request], Awaitable[web.Response]]:
+        async def handle(request: web.Request) -> web.Response:
+            return web.json_response({"handler": name, **request.match_info})
+
+        return handle
+
+    app = web.Application()
+    app.router.add_route("*", "/x", handler("any x"))  # first: it answers POST /x too
+    app.router.add_get("/y", handler("y"))
+    app.router.add_post("/x", handler("post x"))  # a second resource at /x, never reached
+    app.router.add_get("/{tail:.*}", handler("catch-all"))  # before "/": it answers GET /
+    app.router.add_get("/", handler("root"))
+    app.router.add_get("/a/{x:.*}", handler("a pattern"))  # before "/a/": it answers it
+    app.router.add_get("/a/", handler("a slash"))
+    return app
+
+
+async def test_a_fixed_path_gets_the_route_the_router_gives_even_when_another_shadows_it(
+    aiohttp_client: Callable[..., Awaitable[Client]],
+) -> None:
+    ours = await aiohttp_client(Server(_tangled_app()))
+    theirs = await aiohttp_client(TestServer(_tangled_app()))  # aiohttp's own runner
+    for method, path in [
+        ("POST", "/x"), ("GET", "/x"), ("PUT", "/x"), ("GET", "/"), ("GET", "/a/"),
+        ("GET", "/y"), ("POST", "/y"), ("OPTIONS", "/y"),
+    ]:  # fmt: skip
+        mine, reference = [await c.request(method, path) for c in (ours, theirs)]
+        assert mine.status == reference.status, (method, path)
+        assert (await mine.read()) == (await reference.read()), (method, path)
+    assert (await (await ours.post("/x")).json()) == {"handler": "any x"}
+    assert (await (await ours.get("/")).json()) == {"handler": "catch-all", "tail": ""}
+
+
+async def test_the_shared_match_info_of_a_fixed_path_is_read_only(
+    aiohttp_client: Callable[..., Awaitable[Client]],
+) -> None:
+    async def meddle(request: web.Request) -> web.Response:
+        try:
+            request.match_info["n"] = "1"
+        except TypeError as exc:
+            return web.json_response({"refused": str(exc)})
+        return web.json_response(dict(request.match_info))
+
+    app = web.Application()
+    app.router.add_get("/m", meddle)
+    client = await aiohttp_client(Server(app))
+    for _ in range(2):
+        assert "read-only" in (await (await client.get("/m")).json())["refused"]
 
 
 async def test_an_application_with_middlewares_keeps_the_router_for_everything(

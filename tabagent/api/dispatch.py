@@ -1,66 +1,93 @@
 """Exact-path dispatch: a request whose target is exactly a fixed route's path skips aiohttp's
-router.
+router, and gets the answer the router gave for that path when the server started.
 
 aiohttp resolves every request the general way: it builds the URL object, walks the path's
 prefixes through its route index, and makes a new match-info object. Almost every request a
-local server gets (health probes, chat, the models list) names a fixed path verbatim, so
-:class:`Runner` answers those through one dictionary lookup on the raw request target, and
-hands everything else (query strings, percent-escapes, path parameters, unknown paths,
-``Expect`` headers) to aiohttp's own ``Application._handle`` unchanged.
+local server gets (health probes, chat, the models list) names a fixed path verbatim. So when
+the server starts, :class:`Runner` asks the router once for each fixed path and each method
+the application serves, and keeps every answer that is a route. A request whose raw target is
+one of those paths then costs one dictionary lookup. Everything else goes to aiohttp's own
+``Application._handle`` unchanged: query strings, percent-escapes, paths with parameters,
+unknown paths, methods the path does not serve (the router's 405), and ``Expect`` headers.
 
-The result is the same route aiohttp would pick: a fixed path's own resource always wins over
-any pattern, as aiohttp walks from the full path to shorter prefixes. Only applications without
-middlewares, sub-applications or domain routes take this path (ours have none: the gate wraps
-each handler instead, see ``middleware.guarded``); any other keeps the router for everything.
+The kept answers are the router's own, so the route is the same by construction: the
+router's choice depends only on the method and the path. That holds for applications without
+middlewares, sub-applications or domain routes (ours have none: the gate wraps each handler
+instead, see ``middleware.guarded``); any other application keeps the router for everything.
 
-It sets ``request._match_info`` as ``Application._handle`` does; there is no public setter.
-The aiohttp minor version is pinned for that reason (pyproject.toml), and the test suite's
-servers all run through this runner.
+A kept match info is shared by every request on its path, so it refuses changes. Handing it
+to the request sets ``request._match_info``, as ``Application._handle`` does; there is no
+public setter. The aiohttp minor version is pinned for this (pyproject.toml names the private
+parts used), and the test suite's app servers (``tests.helpers.Server``) run through this
+runner.
 """
 
 from __future__ import annotations
 
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any, NoReturn
 
 from aiohttp import hdrs, web
 from aiohttp.web_server import Server
+from yarl import URL
 
 RequestHandler = Callable[[web.BaseRequest], Awaitable[web.StreamResponse]]
+Table = dict[str, dict[str, web.UrlMappingMatchInfo]]
 
 
-def _fixed_routes(app: web.Application) -> dict[str, dict[str, web.UrlMappingMatchInfo]]:
-    """Path → method → the (frozen, shared) match info of every fixed-path route of ``app``.
+class _SharedMatchInfo(web.UrlMappingMatchInfo):
+    """A match info kept for a fixed path and handed to every request on it: read-only."""
 
-    A shared match info is safe: a fixed path has no parameters to differ between requests,
-    and a frozen one refuses changes to its app stack."""
-    table: dict[str, dict[str, web.UrlMappingMatchInfo]] = {}
-    for resource in app.router.resources():
-        if not isinstance(resource, web.PlainResource):
+    __slots__ = ()
+
+    def _refuse(self, *args: Any, **kwargs: Any) -> NoReturn:
+        raise TypeError("the match info of a fixed path is shared by its requests: read-only")
+
+    __setitem__ = __delitem__ = update = pop = popitem = clear = setdefault = _refuse
+
+
+@dataclass(frozen=True)
+class _Probe:
+    """What ``UrlDispatcher.resolve`` reads of a request: its method and path."""
+
+    method: str
+    rel_url: URL
+
+
+async def _fixed_routes(app: web.Application) -> Table:
+    """Path → method → the router's match info for that request, for every fixed path."""
+    router = app.router
+    paths = {r.canonical for r in router.resources() if isinstance(r, web.PlainResource)}
+    methods = {route.method for route in router.routes()} - {hdrs.METH_ANY}
+    methods |= set(hdrs.METH_ALL)  # a "*" route answers any of them
+    table: Table = {}
+    for path in sorted(paths):
+        if "%" in path:  # the router would see it decoded: not a verbatim target
             continue
-        for route in resource:
-            info = web.UrlMappingMatchInfo({}, route)
+        url = URL.build(path=path, encoded=True)
+        for method in sorted(methods):
+            found = await router.resolve(_Probe(method, url))  # type: ignore[arg-type]
+            if found.http_exception is not None:
+                continue  # 404/405: the router answers those itself
+            info = _SharedMatchInfo(dict(found), found.route)
             info.add_app(app)
             info.freeze()
-            table.setdefault(resource.canonical, {}).setdefault(route.method, info)
+            table.setdefault(path, {})[method] = info
     return table
 
 
-def exact_dispatch(app: web.Application, routed: RequestHandler) -> RequestHandler:
-    """``routed`` (aiohttp's handler for ``app``) with fixed paths looked up directly."""
-    if app.middlewares or app._subapps or app.router._matched_sub_app_resources:
-        return routed  # those need aiohttp's own resolution for every request
-    table = _fixed_routes(app)
+def exact_dispatch(app: web.Application, routed: RequestHandler, table: Table) -> RequestHandler:
+    """``routed`` (aiohttp's handler for ``app``) with the paths of ``table`` looked up."""
 
     async def dispatch(request: web.BaseRequest) -> web.StreamResponse:
         methods = table.get(request.raw_path)
         if methods is not None and hdrs.EXPECT not in request.headers:
-            info = methods.get(request.method)  # an empty mapping: falsy, so compare to None
-            if info is None:
-                info = methods.get(hdrs.METH_ANY)
+            info = methods.get(request.method)
             if info is not None:
                 request._match_info = info  # type: ignore[attr-defined]
                 return await info.handler(request)  # type: ignore[arg-type]
-        return await routed(request)  # the router: also the right 405 for a known path
+        return await routed(request)
 
     return dispatch
 
@@ -70,5 +97,8 @@ class Runner(web.AppRunner):
 
     async def _make_server(self) -> Server:
         server = await super()._make_server()  # starts and freezes the app
-        server.request_handler = exact_dispatch(self.app, server.request_handler)
+        app = self.app
+        if not (app.middlewares or app._subapps or app.router._matched_sub_app_resources):
+            table = await _fixed_routes(app)
+            server.request_handler = exact_dispatch(app, server.request_handler, table)
         return server

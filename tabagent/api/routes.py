@@ -30,15 +30,10 @@ _BODY_METHODS = frozenset({"POST", "PUT", "PATCH"})
 _JSON = {hdrs.CONTENT_TYPE: "application/json"}
 
 
-def check_length(request: web.Request, limit: int) -> None:
-    """413 before reading a body whose declared length is over ``limit``."""
+async def read_body(request: web.Request, limit: int) -> bytes:
     length = request.content_length
     if length is not None and length > limit:
         raise PayloadTooLarge(f"request body is larger than the limit of {limit} bytes")
-
-
-async def read_body(request: web.Request, limit: int) -> bytes:
-    check_length(request, limit)
     return await request.read()  # client_max_size enforces the limit on chunked bodies
 
 
@@ -102,8 +97,7 @@ def _handler(op: Operation, state: AppState, max_body: int) -> Handler:
         if empty is not None and not takes_body and not request.query_string:
             parsed = empty
         elif takes_body:
-            check_length(request, max_body)
-            raw = await request.read()  # client_max_size enforces the limit on chunked bodies
+            raw = await read_body(request, max_body)
             fast: BaseModel | None = None
             if not request.match_info:  # the usual case: the body is the request, one pass
                 try:

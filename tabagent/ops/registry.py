@@ -37,8 +37,8 @@ class Http:
     # OpenAI's wire format (chunk objects, `data: [DONE]`) over the same operation.
     adapter: Literal["default", "custom"] = "default"
     # The JSON answer to a call without parameters, made without building the response model:
-    # for a route polled far more often than anything changes (health). It must give what
-    # serialising the handler's result would; the default adapter uses it when set.
+    # for a route polled far more often than anything changes (health). It must give the same
+    # document as the handler (health's uptime to the millisecond); the default adapter uses it.
     render: Callable[[AppState], bytes] | None = None
 
 

@@ -79,25 +79,27 @@ class _HealthJson:
     building and serialising the ``Health`` model was most of that route's cost. The JSON is
     rendered once per components snapshot (a change replaces the snapshot) with a placeholder
     uptime; each answer splices in the uptime, in whole milliseconds (``12.340``), and answers
-    within the same millisecond are the same bytes."""
+    within the same millisecond are the same bytes. One instance serves every app in the
+    process: what it keeps is one tuple, replaced whole, keyed by the snapshot itself."""
 
     def __init__(self) -> None:
-        self._snapshot: Mapping[str, ComponentStatus] | None = None
-        self._head = self._tail = self._body = b""
-        self._ms = -1
+        # (snapshot, head, tail, milliseconds, body)
+        self._kept: tuple[Mapping[str, ComponentStatus] | None, bytes, bytes, int, bytes] = (
+            None, b"", b"", -1, b"",
+        )  # fmt: skip
 
     def __call__(self, state: AppState) -> bytes:
-        ms = int((time.monotonic() - state.started_at) * 1000)
+        ms = max(0, int((time.monotonic() - state.started_at) * 1000))
         snapshot = state.components.snapshot()
-        if snapshot is not self._snapshot:
-            self._head, self._tail = self._split(snapshot)
-            self._snapshot = snapshot
-        elif ms == self._ms:
-            return self._body
+        kept, head, tail, kept_ms, body = self._kept
+        if snapshot is kept and ms == kept_ms:
+            return body
+        if snapshot is not kept:
+            head, tail = self._split(snapshot)
         seconds, milliseconds = divmod(ms, 1000)
-        self._body = b"%s%d.%03d%s" % (self._head, seconds, milliseconds, self._tail)
-        self._ms = ms
-        return self._body
+        body = b"%s%d.%03d%s" % (head, seconds, milliseconds, tail)
+        self._kept = (snapshot, head, tail, ms, body)
+        return body
 
     @staticmethod
     def _split(snapshot: Mapping[str, ComponentStatus]) -> tuple[bytes, bytes]:
@@ -120,7 +122,7 @@ async def health(ctx: OpContext, req: Empty) -> Health:
     return Health(
         status=components.overall,
         version=__version__,
-        uptime_s=round(ctx.state.uptime_s, 3),
+        uptime_s=int(ctx.state.uptime_s * 1000) / 1000,  # milliseconds, as over HTTP
         components=components.snapshot(),  # ComponentStatus models: validated as they are
     )
 
