@@ -123,6 +123,29 @@ def test_health_json_is_the_model_with_the_uptime_in_milliseconds(
     assert system.Health.model_validate_json(render(state)).uptime_s >= model.uptime_s + 2
 
 
+def test_health_json_keeps_each_app_apart_and_reuses_an_answer_within_a_millisecond(
+    settings: Settings,
+) -> None:
+    states = [
+        AppState(settings=settings, registry=default_registry(), metrics=Metrics()) for _ in "ab"
+    ]
+    states[0].components.set("memory", "ok", "first")
+    states[1].components.set("memory", "degraded", "second")
+    render = states[0].registry.get("system.health").http.render  # type: ignore[union-attr]
+    assert render is not None
+    for _ in range(3):  # one renderer serves every app in the process, in turn
+        first, second = (system.Health.model_validate_json(render(s)) for s in states)
+        assert first.components["memory"].detail == "first"
+        assert (second.status, second.components["memory"].detail) == ("degraded", "second")
+    for _ in range(100):  # two answers in the same millisecond are the same bytes
+        one, two = render(states[0]), render(states[0])
+        if one == two:
+            assert one is two
+            break
+    else:
+        pytest.fail("no two health answers within one millisecond in 100 tries")
+
+
 # --- errors: every failure is JSON in the OpenAI shape ---
 
 
