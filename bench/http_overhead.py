@@ -44,6 +44,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
+from typing import TypeVar
 
 from bench import harness, openloop, wrk
 
@@ -131,10 +132,19 @@ def _measure_saturated(
     return Sample(got.rps, got.p50_ms, got.p99_ms, probe.cores(), cpu_us_per_req=cpu_us)
 
 
+@dataclass(frozen=True)
+class Share:
+    """Side by side: bare's CPU per request over TabAgent's, and the foreign load meanwhile."""
+
+    value: float
+    foreign_cores: float
+
+
 def _measure_side_by_side(
     servers: dict[str, Server], route: Route, seconds: float, cpus: harness.CpuPlan
-) -> float:
+) -> Share:
     """Both servers loaded at once on the same core: bare's CPU per request over TabAgent's."""
+    probe = harness.ForeignLoad()
     pair = [servers[name] for name in SERVERS]
     loads = [
         wrk.Load(f"http://127.0.0.1:{s.port}{s.path(route)}", route.method, route.body)
@@ -148,7 +158,7 @@ def _measure_side_by_side(
         (harness.cpu_seconds(s.pid) - b) / r.requests
         for s, b, r in zip(pair, before, got, strict=True)
     )
-    return bare / ours
+    return Share(bare / ours, probe.cores())
 
 
 def _measure_fixed(server: Server, route: Route, seconds: float) -> Sample:
@@ -195,7 +205,10 @@ def _start_servers(
     }
 
 
-def _quietest(take: Callable[[], Sample], plan: Plan) -> Sample:
+Taken = TypeVar("Taken", Sample, Share)
+
+
+def _quietest(take: Callable[[], Taken], plan: Plan) -> Taken:
     """A sample; while other processes disturbed it, wait for quiet and take it again.
 
     The machine may be shared (other benchmarks, builds): a server that loses its core for a
@@ -234,8 +247,10 @@ def measure(plan: Plan, cpus: harness.CpuPlan) -> tuple[dict[Key, list[Sample]],
                         plan,
                     )
                     samples.setdefault((name, route.label, SATURATED), []).append(sat)
-                share = _measure_side_by_side(servers, route, plan.saturated_s, cpus)
-                shares.setdefault(route.label, []).append(share)
+                share = _quietest(
+                    partial(_measure_side_by_side, servers, route, plan.saturated_s, cpus), plan
+                )
+                shares.setdefault(route.label, []).append(share.value)
                 for name in order if route.fixed_rate else ():
                     fixed = _quietest(
                         partial(_measure_fixed, servers[name], route, plan.fixed_s), plan
