@@ -77,8 +77,8 @@ async def _fixed_routes(app: web.Application) -> Table:
     return table
 
 
-def exact_dispatch(app: web.Application, routed: RequestHandler, table: Table) -> RequestHandler:
-    """``routed`` (aiohttp's handler for ``app``) with the paths of ``table`` looked up."""
+def exact_dispatch(routed: RequestHandler, table: Table) -> RequestHandler:
+    """``routed`` (aiohttp's handler for the app) with the paths of ``table`` looked up."""
 
     async def dispatch(request: web.BaseRequest) -> web.StreamResponse:
         methods = table.get(request.raw_path)
@@ -100,5 +100,5 @@ class Runner(web.AppRunner):
         app = self.app
         if not (app.middlewares or app._subapps or app.router._matched_sub_app_resources):
             table = await _fixed_routes(app)
-            server.request_handler = exact_dispatch(app, server.request_handler, table)
+            server.request_handler = exact_dispatch(server.request_handler, table)
         return server
