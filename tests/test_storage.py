@@ -32,7 +32,7 @@ from tabagent.storage.history import (
 from tabagent.storage.keywords import KeywordIndex
 from tabagent.storage.meta import MIGRATIONS as META_MIGRATIONS
 from tabagent.storage.meta import MetaStore
-from tabagent.storage.records import NewMessage, label_parts, vector_label
+from tabagent.storage.records import Message, NewMessage, label_parts, vector_label
 from tabagent.storage.sqlite import Database
 from tabagent.storage.writer import Writer
 
@@ -423,6 +423,39 @@ def test_append_returns_the_stored_messages_even_after_the_newest_was_deleted(
     assert later[1].created_at > 5.0
     with db.transaction() as conn:
         assert store.append(conn, a.id, []) == []
+
+
+def test_messages_read_back_are_the_models_validation_would_build(
+    db: Database, store: ConversationStore
+) -> None:
+    # rows become Messages without validation (the schema holds their types): each must equal,
+    # field for field and in everything pydantic keeps, the model validated from the same values
+    with db.transaction() as conn:
+        stored = store.append(
+            conn,
+            "c",
+            [
+                NewMessage(role="assistant", content="hi", model="smollm2", created_at=7),
+                NewMessage(role="tool", content="12"),
+            ],
+            create=True,
+        )
+        conn.execute("UPDATE messages SET embedded = 1 WHERE id = ?", (stored[0].id,))
+    read = [store.message(m.id) for m in stored]
+    assert [m.embedded for m in read] == [True, False]
+    assert read[0].model == "smollm2"
+    assert read[1].model is None
+    assert type(read[0].created_at) is float
+    assert read[0].created_at == 7.0
+    for message in [*stored, *read, *store.messages("c"), *store.messages_by_id([1, 2]).values()]:
+        validated = Message.model_validate(dict(message))
+        assert message == validated
+        assert message.model_dump_json() == validated.model_dump_json()
+        assert message.model_fields_set == validated.model_fields_set == set(Message.model_fields)
+        assert message.__pydantic_extra__ == validated.__pydantic_extra__
+        assert message.__pydantic_private__ == validated.__pydantic_private__
+        assert message.model_copy(update={"content": "x"}).content == "x"
+        assert message.content != "x"
 
 
 def test_keyword_search_stems_ignores_query_syntax_and_filters(
