@@ -10,6 +10,7 @@ reused after a delete.
 from __future__ import annotations
 
 import json
+import operator
 import sqlite3
 import time
 import uuid
@@ -82,7 +83,11 @@ MIGRATIONS = (
 )
 
 _MESSAGE_COLUMNS = "id, conversation_id, role, content, model, created_at, embedded"
-_MESSAGE_BY_ID = f"SELECT {_MESSAGE_COLUMNS} FROM messages WHERE id = ?"
+# by id: the id is the caller's, not a column (each column fetched costs sqlite3 a description
+# entry of its own per query, a twentieth of a read by id)
+_MESSAGE_BY_ID = (
+    "SELECT conversation_id, role, content, model, created_at, embedded FROM messages WHERE id = ?"
+)
 
 
 def new_conversation_id() -> str:
@@ -108,16 +113,8 @@ _MESSAGE_FIELDS = frozenset(Message.model_fields)
 
 
 def _message(row: tuple[Any, ...]) -> Message:
-    """A :class:`Message` from a row of ``_MESSAGE_COLUMNS``, built without validation: the
-    table's schema already holds every field to the model's type (INTEGER PRIMARY KEY, TEXT
-    NOT NULL with the roles' CHECK, REAL NOT NULL, a 0/1 INTEGER). What this sets is what
-    ``Message.model_construct`` sets, without its Python loop over the fields (it costs twice
-    what validation does); validating the row took a fifth of a read by id. A test holds it
-    equal to the validated model, so a pydantic that keeps its instances otherwise fails it."""
-    message = _new_message(Message)
-    _set(
-        message,
-        "__dict__",
+    """A :class:`Message` from a row of ``_MESSAGE_COLUMNS``."""
+    return _built(
         {
             "id": row[0],
             "conversation_id": row[1],
@@ -126,8 +123,19 @@ def _message(row: tuple[Any, ...]) -> Message:
             "model": row[4],
             "created_at": row[5],
             "embedded": bool(row[6]),
-        },
+        }
     )
+
+
+def _built(fields: dict[str, Any]) -> Message:
+    """A :class:`Message` of a row's values, built without validation: the table's schema
+    already holds every field to the model's type (INTEGER PRIMARY KEY, TEXT NOT NULL with the
+    roles' CHECK, REAL NOT NULL, a 0/1 INTEGER). What this sets is what
+    ``Message.model_construct`` sets, without its Python loop over the fields (it costs twice
+    what validation does); validating the row took a fifth of a read by id. A test holds it
+    equal to the validated model, so a pydantic that keeps its instances otherwise fails it."""
+    message = _new_message(Message)
+    _set(message, "__dict__", fields)
     _set(message, "__pydantic_fields_set__", set(_MESSAGE_FIELDS))
     _set(message, "__pydantic_extra__", None)
     _set(message, "__pydantic_private__", None)
@@ -336,10 +344,22 @@ class ConversationStore:
         return [_message(r) for r in rows]
 
     def message(self, message_id: int) -> Message:
+        if type(message_id) is not int:  # it becomes the Message's id as given
+            message_id = operator.index(message_id)  # a bool or numpy integer; a str: TypeError
         row = self.db.fetch_one(_MESSAGE_BY_ID, (message_id,))
         if row is None:
             raise NotFound(f"no message {message_id}", code="message_not_found")
-        return _message(row)
+        return _built(
+            {
+                "id": message_id,
+                "conversation_id": row[0],
+                "role": row[1],
+                "content": row[2],
+                "model": row[3],
+                "created_at": row[4],
+                "embedded": bool(row[5]),
+            }
+        )
 
     def messages_by_id(self, ids: Sequence[int]) -> dict[int, Message]:
         if not ids:
