@@ -113,8 +113,16 @@ _MESSAGE_FIELDS = frozenset(Message.model_fields)
 
 
 def _message(row: tuple[Any, ...]) -> Message:
-    """A :class:`Message` from a row of ``_MESSAGE_COLUMNS``."""
-    return _built(
+    """A :class:`Message` from a row of ``_MESSAGE_COLUMNS``, built without validation: the
+    table's schema already holds every field to the model's type (INTEGER PRIMARY KEY, TEXT
+    NOT NULL with the roles' CHECK, REAL NOT NULL, a 0/1 INTEGER). What this sets is what
+    ``Message.model_construct`` sets, without its Python loop over the fields (it costs twice
+    what validation does); validating the row took a fifth of a read by id. A test holds it
+    equal to the validated model, so a pydantic that keeps its instances otherwise fails it."""
+    message = _new_message(Message)
+    _set(
+        message,
+        "__dict__",
         {
             "id": row[0],
             "conversation_id": row[1],
@@ -123,19 +131,8 @@ def _message(row: tuple[Any, ...]) -> Message:
             "model": row[4],
             "created_at": row[5],
             "embedded": bool(row[6]),
-        }
+        },
     )
-
-
-def _built(fields: dict[str, Any]) -> Message:
-    """A :class:`Message` of a row's values, built without validation: the table's schema
-    already holds every field to the model's type (INTEGER PRIMARY KEY, TEXT NOT NULL with the
-    roles' CHECK, REAL NOT NULL, a 0/1 INTEGER). What this sets is what
-    ``Message.model_construct`` sets, without its Python loop over the fields (it costs twice
-    what validation does); validating the row took a fifth of a read by id. A test holds it
-    equal to the validated model, so a pydantic that keeps its instances otherwise fails it."""
-    message = _new_message(Message)
-    _set(message, "__dict__", fields)
     _set(message, "__pydantic_fields_set__", set(_MESSAGE_FIELDS))
     _set(message, "__pydantic_extra__", None)
     _set(message, "__pydantic_private__", None)
@@ -349,17 +346,7 @@ class ConversationStore:
         row = self.db.fetch_one(_MESSAGE_BY_ID, (message_id,))
         if row is None:
             raise NotFound(f"no message {message_id}", code="message_not_found")
-        return _built(
-            {
-                "id": message_id,
-                "conversation_id": row[0],
-                "role": row[1],
-                "content": row[2],
-                "model": row[3],
-                "created_at": row[4],
-                "embedded": bool(row[5]),
-            }
-        )
+        return _message((message_id, *row))
 
     def messages_by_id(self, ids: Sequence[int]) -> dict[int, Message]:
         if not ids:
