@@ -50,8 +50,8 @@ Targets: batched writes >= 50,000 messages/s, acknowledged writes >= 10,000/s, r
 many ids a read asks for, so both verdicts are printed, each beside its raw peer: 100 ids per
 call, the way the server itself reads messages by id (the hits of a search), and one id per
 call. One id per call is bounded by Python's sqlite3 module, whose own read of one id in one
-kept transaction runs at 250,000-315,000/s on a 2-core VM; ``ConversationStore.message`` keeps
-70-80% of that, so its verdict follows the machine's speed on the day.
+kept transaction runs at 220,000-315,000/s on a 2-core VM; ``ConversationStore.message`` keeps
+60-80% of that, so its verdict follows the machine's speed on the day.
 """
 
 from __future__ import annotations
