@@ -89,7 +89,7 @@ NOISE = 0.3  # perturbation norm relative to the unit template vector
 MODEL = "all-minilm-l6-v2"  # tests.helpers.MiniLM.model: precomputed and query vectors agree
 TARGET_BATCHED, TARGET_SINGLE, TARGET_READS = 50_000, 10_000, 200_000
 COLUMNS = "id, conversation_id, role, content, model, created_at, embedded"
-BY_ID = "conversation_id, role, content, model, created_at, embedded"  # the id is the caller's
+BY_ID = COLUMNS.removeprefix("id, ")  # the id is the caller's
 INSERT = (
     "INSERT INTO messages(conversation_id, role, content, model, created_at, embedded)"
     " VALUES (?, ?, ?, ?, ?, 0)"

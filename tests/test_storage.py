@@ -446,12 +446,12 @@ def test_messages_read_back_are_the_models_validation_would_build(
     assert read[0].model == "smollm2"
     assert read[1].model is None
     assert type(read[0].created_at) is float
+    assert read[0].created_at == 7.0
     by_numpy = store.message(np.int64(stored[0].id))  # type: ignore[arg-type]
     assert by_numpy == read[0]
     assert type(by_numpy.id) is int
     with pytest.raises(TypeError):
         store.message("1")  # type: ignore[arg-type]
-    assert read[0].created_at == 7.0
     for message in [*stored, *read, *store.messages("c"), *store.messages_by_id([1, 2]).values()]:
         validated = Message.model_validate(dict(message))
         assert message == validated

@@ -85,9 +85,7 @@ MIGRATIONS = (
 _MESSAGE_COLUMNS = "id, conversation_id, role, content, model, created_at, embedded"
 # by id: the id is the caller's, not a column (each column fetched costs sqlite3 a description
 # entry of its own per query, a twentieth of a read by id)
-_MESSAGE_BY_ID = (
-    "SELECT conversation_id, role, content, model, created_at, embedded FROM messages WHERE id = ?"
-)
+_MESSAGE_BY_ID = f"SELECT {_MESSAGE_COLUMNS.removeprefix('id, ')} FROM messages WHERE id = ?"
 
 
 def new_conversation_id() -> str:
